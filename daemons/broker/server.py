@@ -1,0 +1,248 @@
+"""iot-broker: asyncio listener around the pure core.
+
+Theory of operation
+===================
+
+One `Connection` (an asyncio.Protocol, not streams: no task or coroutine per packet) per
+socket. `data_received` feeds the bytes to the connection's `packets.Reader` and hands each
+complete packet to the core, in order. Everything the core writes during one pass of the
+event loop is collected per connection and written with one `transport.write` at the end of
+that pass (`call_soon(flush)`), so a read holding 100 PUBLISH packets costs one write of 100
+PUBACKs, not 100 system calls.
+
+Timers are not per connection: one sweep a second closes connections that sent no CONNECT
+within `connect_timeout` and those silent for 1.5x their keep-alive [MQTT-3.1.2-24]. Another
+task publishes $SYS/broker/... every `sys_interval` seconds.
+
+A protocol error closes only that connection (after a CONNACK with a return code where the
+spec asks for one); the close is ungraceful, so the client's will is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import resource
+import sys
+import time
+
+from .. import service
+from ..config import BrokerConfig
+from ..service import Exit, Log, Service
+from .core import Broker, Limits
+from .packets import Connack, ProtocolError, Reader, encode
+
+# Per-connection output buffered in the kernel and asyncio beyond which QoS 0 messages to that
+# client are dropped (and counted) rather than held in memory without bound.
+WRITE_HIGH_WATER = 1024 * 1024
+SWEEP_INTERVAL = 1.0
+
+
+class Connection(asyncio.Protocol):
+    __slots__ = (
+        "srv", "broker", "stats", "reader", "transport", "session", "will", "keepalive",
+        "last_rx", "opened", "out", "flush_scheduled", "closing", "paused", "peer", "loop",
+    )
+
+    def __init__(self, srv: Server):
+        self.srv = srv
+        self.broker = srv.broker
+        self.stats = srv.broker.stats
+        self.reader = Reader("server", srv.cfg.max_packet_size)
+        self.transport: asyncio.Transport | None = None
+        self.session = None
+        self.will = None
+        self.keepalive = 0
+        self.last_rx = self.opened = time.monotonic()
+        self.out: list[bytes] = []
+        self.flush_scheduled = False
+        self.closing = False
+        self.paused = False
+        self.peer = "?"
+        self.loop = srv.loop
+
+    # asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if len(self.srv.conns) >= self.srv.cfg.max_connections:
+            self.srv.refused += 1
+            if self.srv.refused % 100 == 1:
+                self.srv.log.warning("connection refused: max_connections reached",
+                                     max_connections=self.srv.cfg.max_connections, refused_total=self.srv.refused)
+            self.closing = True
+            transport.abort()
+            return
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.srv.conns.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.last_rx = time.monotonic()
+        self.stats.bytes_received += len(data)
+        reader = self.reader
+        reader.feed(data)
+        try:
+            while not self.closing:
+                pkt = reader.next_packet()
+                if pkt is None:
+                    return
+                if self.session is None:
+                    if not self.broker.connect(self, pkt):
+                        self.close()
+                        return
+                    if self.srv.log.is_debug():
+                        self.srv.log.debug("client connected", client=self.session.client_id, peer=self.peer,
+                                           clean=int(pkt.clean_session), keepalive=pkt.keep_alive)
+                else:
+                    self.broker.handle(self, pkt)
+        except ProtocolError as e:
+            if e.connack is not None and self.session is None:
+                self.send(encode(Connack(False, e.connack)))
+            self.srv.log.info("protocol error; closing connection", peer=self.peer, client=self.client_id,
+                              error=str(e), rule=e.rule or "-")
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.srv.conns.discard(self)
+        if self.session is not None and self.srv.log.is_debug():
+            self.srv.log.debug("connection lost", client=self.session.client_id, error=str(exc or "closed"))
+        self.broker.closed(self, graceful=False)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
+    # what the core calls ----------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.out.append(data)
+        self.stats.messages_sent += 1
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        out = self.out
+        if out and self.transport is not None and not self.transport.is_closing():
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.stats.bytes_sent += len(data)
+            self.transport.write(data)
+        out.clear()
+
+    def close(self) -> None:
+        """Flush what is pending (a CONNACK with an error code, say), then close."""
+        if self.closing:
+            return
+        self.flush()
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def congested(self) -> bool:
+        return self.paused
+
+    @property
+    def client_id(self) -> str:
+        return self.session.client_id if self.session is not None else "-"
+
+
+class Server:
+    def __init__(self, cfg: BrokerConfig, log: Log, loop: asyncio.AbstractEventLoop):
+        self.cfg, self.log, self.loop = cfg, log, loop
+        self.broker = Broker(log, Limits(cfg.max_inflight_messages, cfg.max_queued_messages,
+                                         cfg.allow_zero_length_clientid))
+        self.conns: set[Connection] = set()
+        self.refused = 0
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        timeout = self.cfg.connect_timeout
+        for c in list(self.conns):
+            if c.closing:
+                continue
+            if c.session is None:
+                if now - c.opened > timeout:
+                    self.log.info("no CONNECT in time; closing", peer=c.peer, timeout=timeout)
+                    c.close()
+            elif c.keepalive and now - c.last_rx > 1.5 * c.keepalive:
+                self.log.info("keep-alive expired; closing", client=c.client_id, keepalive=c.keepalive)
+                c.close()
+
+    async def run_timers(self, svc: Service) -> None:
+        next_sys = time.monotonic()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.sweep()
+            if self.cfg.sys_interval and time.monotonic() >= next_sys:
+                next_sys = time.monotonic() + self.cfg.sys_interval
+                self.broker.publish_sys()
+
+    def close_all(self) -> None:
+        for c in list(self.conns):
+            c.close()
+
+
+def _raise_fd_limit(want: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(hard, max(soft, want + 64))
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+async def serve(svc: Service) -> None:
+    cfg: BrokerConfig = svc.config.broker
+    port = svc.args.port if svc.args.port is not None else cfg.port
+    loop = asyncio.get_running_loop()
+    _raise_fd_limit(cfg.max_connections)
+    srv = Server(cfg, svc.log, loop)
+    try:
+        listener = await loop.create_server(lambda: Connection(srv), cfg.host, port, backlog=1024)
+    except OSError as e:
+        hint = " (is another broker, e.g. mosquitto, running?)" if e.errno == errno.EADDRINUSE else ""
+        raise Exit(service.EX_OSERR, f"cannot listen on {cfg.host}:{port}: {e.strerror}{hint}") from None
+    svc.status_fn = srv.broker.summary
+    bound = listener.sockets[0].getsockname()
+    svc.ready(f"listening on {bound[0]}:{bound[1]}")
+    timers = asyncio.create_task(srv.run_timers(svc))
+    try:
+        await svc.stopped()
+    finally:
+        timers.cancel()
+        listener.close()
+        srv.close_all()
+        await asyncio.sleep(0)  # let the closes flush
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(text)
+    return int(text)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("-p", "--port", type=_port, help="listen on this port, 1-65535 (overrides [broker] port)")
+
+
+def main(argv=None) -> int:
+    return service.run(
+        "iot-broker",
+        "MQTT 3.1.1 broker. Reads the [broker] section of the config; with no config file it runs "
+        "with built-in defaults (0.0.0.0:1883).",
+        serve,
+        add_arguments=add_arguments,
+        argv=argv,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Per-client session state: subscriptions, the outgoing QoS 1/2 window and queue, packet ids,
+and the incoming QoS 2 ids awaiting PUBREL (MQTT 3.1.1 sections 4.1, 4.3, 4.4, 4.6).
+
+Theory of operation
+===================
+
+A Session outlives its network connection when clean_session=0. While attached to a
+connection (`conn` is not None) messages go out at once up to `max_inflight` unacknowledged
+QoS 1/2 messages; the rest wait in `queue`, bounded by `max_queued` (overflow is dropped and
+counted, never silently). While detached, QoS 1/2 messages for its subscriptions queue the
+same way and QoS 0 messages are not kept (as Mosquitto's default).
+
+Outgoing states per packet id, kept in `inflight` in send order (a dict keeps it):
+
+    QoS 1:  PUBLISH sent --PUBACK--> done
+    QoS 2:  PUBLISH sent --PUBREC--> PUBREL sent --PUBCOMP--> done
+
+On reconnect `resume()` sends every PUBLISH still unacknowledged again with DUP=1 and every
+PUBREL again, in their original order [MQTT-4.4.0-1], then refills the window from the queue.
+Each completed acknowledgement frees a slot that is refilled at once, so the window never
+stalls while messages wait.
+
+Incoming QoS 2 (the client publishes to us) uses "method B" of figure 4.3: the message is
+routed when it first arrives and its packet id remembered until PUBREL, so a retransmitted
+PUBLISH with the same id is acknowledged again but not routed twice [MQTT-4.3.3-2].
+
+The session writes through `conn.send(bytes)`; it does no I/O of its own.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+from .packets import Will, encode_publish
+
+PUBREL_PREFIX = b"\x62\x02"
+
+
+class Link(Protocol):
+    """What a session needs of a network connection."""
+
+    def send(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+    def congested(self) -> bool: ...
+
+
+class Message:
+    """An application message as routed: one object shared by every subscriber it goes to.
+
+    Not frozen: it caches its QoS 0 encoding, made once and sent to every QoS 0 subscriber.
+    """
+
+    __slots__ = ("topic", "topic_bytes", "payload", "qos", "retain", "_qos0")
+
+    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool, topic_bytes: bytes | None = None):
+        self.topic = topic
+        self.topic_bytes = topic_bytes if topic_bytes is not None else topic.encode()
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self._qos0: bytes | None = None
+
+    def qos0_bytes(self) -> bytes:
+        if self._qos0 is None:
+            self._qos0 = encode_publish(self.topic_bytes, self.payload, 0, False, False, None)
+        return self._qos0
+
+
+class Outgoing:
+    __slots__ = ("msg", "qos", "pubrel_sent", "retain")
+
+    def __init__(self, msg: Message, qos: int, retain: bool):
+        self.msg, self.qos, self.retain = msg, qos, retain
+        self.pubrel_sent = False
+
+
+class Session:
+    __slots__ = (
+        "client_id", "clean", "conn", "will", "subscriptions", "inflight", "queue",
+        "incoming_qos2", "max_inflight", "max_queued", "dropped", "_next_pid",
+    )
+
+    def __init__(self, client_id: str, clean: bool, max_inflight: int, max_queued: int):
+        self.client_id = client_id
+        self.clean = clean
+        self.conn: Link | None = None
+        self.will: Will | None = None
+        self.subscriptions: dict[str, int] = {}
+        self.inflight: dict[int, Outgoing] = {}
+        self.queue: deque[tuple[Message, int, bool]] = deque()
+        self.incoming_qos2: set[int] = set()
+        self.max_inflight = max_inflight
+        self.max_queued = max_queued
+        self.dropped = 0
+        self._next_pid = 0
+
+    def __repr__(self) -> str:
+        return f"<Session {self.client_id!r} clean={self.clean} online={self.conn is not None}>"
+
+    # delivery --------------------------------------------------------------------------------
+
+    def deliver(self, msg: Message, qos: int, retain: bool = False) -> bool:
+        """Send or queue `msg` at `qos`. False when it had to be dropped (queue full, QoS 0 to
+        a congested or absent client), so the caller can count it."""
+        conn = self.conn
+        if qos == 0:
+            if conn is None:
+                return True  # not kept for an offline session: not a loss the broker promised
+            if conn.congested():
+                return False
+            conn.send(msg.qos0_bytes() if not retain else
+                      encode_publish(msg.topic_bytes, msg.payload, 0, True, False, None))
+            return True
+        if conn is not None and len(self.inflight) < self.max_inflight and not self.queue:
+            self._send_new(conn, msg, qos, retain)
+            return True
+        if len(self.queue) < self.max_queued:
+            self.queue.append((msg, qos, retain))
+            return True
+        self.dropped += 1
+        return False
+
+    def _send_new(self, conn: Link, msg: Message, qos: int, retain: bool) -> None:
+        pid = self._allocate_pid()
+        self.inflight[pid] = Outgoing(msg, qos, retain)
+        conn.send(encode_publish(msg.topic_bytes, msg.payload, qos, retain, False, pid))
+
+    def _allocate_pid(self) -> int:
+        # At most max_inflight (<= 65535) ids are in use, so a free one is always found.
+        pid = self._next_pid
+        while True:
+            pid = pid % 65535 + 1
+            if pid not in self.inflight:
+                self._next_pid = pid
+                return pid
+
+    def _fill(self) -> None:
+        conn = self.conn
+        while conn is not None and self.queue and len(self.inflight) < self.max_inflight:
+            msg, qos, retain = self.queue.popleft()
+            self._send_new(conn, msg, qos, retain)
+
+    # acknowledgements from the client --------------------------------------------------------
+
+    def puback(self, pid: int) -> None:
+        out = self.inflight.get(pid)
+        if out is not None and out.qos == 1:
+            del self.inflight[pid]
+            self._fill()
+
+    def pubrec(self, pid: int) -> None:
+        out = self.inflight.get(pid)
+        if out is not None and out.qos == 2:
+            out.pubrel_sent = True
+            # A PUBREC for an id we already released is answered again [MQTT-4.3.3-?]: harmless.
+            if self.conn is not None:
+                self.conn.send(PUBREL_PREFIX + pid.to_bytes(2, "big"))
+
+    def pubcomp(self, pid: int) -> None:
+        out = self.inflight.get(pid)
+        if out is not None and out.qos == 2 and out.pubrel_sent:
+            del self.inflight[pid]
+            self._fill()
+
+    # connection changes ----------------------------------------------------------------------
+
+    def attach(self, conn: Link) -> None:
+        self.conn = conn
+
+    def detach(self) -> None:
+        self.conn = None
+
+    def resume(self) -> None:
+        """After a reconnect: retransmit what is unacknowledged, in order, then refill."""
+        conn = self.conn
+        if conn is None:
+            return
+        for pid, out in self.inflight.items():
+            if out.pubrel_sent:
+                conn.send(PUBREL_PREFIX + pid.to_bytes(2, "big"))
+            else:
+                conn.send(encode_publish(out.msg.topic_bytes, out.msg.payload, out.qos, out.retain, True, pid))
+        self._fill()
+
+    def pending(self) -> int:
+        return len(self.inflight) + len(self.queue)

@@ -1,0 +1,202 @@
+"""Load and validate the one configuration file, etc/iot/iot.toml.
+
+Theory of operation: every section is a frozen dataclass whose field defaults *are* the
+defaults (the shipped iot.toml repeats them as documentation). `load()` reads the TOML once,
+walks each section's fields, converts and checks every value, and returns a `Config` of
+those dataclasses. Anything unexpected (an unknown section or key, a wrong type, a value out
+of range, a file that does not exist) raises `ConfigError`, whose str() is the one line a
+daemon prints before exiting with EX_CONFIG (78).
+
+Where the file is: `--config`, else `$IOT_CONFIG`, else `etc/iot/iot.toml` in the checkout
+this package runs from, else `/etc/iot/iot.toml`. A path named by the user must exist; when
+the search finds nothing, the built-in defaults apply. Relative paths inside the file are
+resolved against the file's folder, so a checkout's file can say `state_dir = "../../var"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EX_CONFIG = 78
+SYSTEM_CONFIG = Path("/etc/iot/iot.toml")
+CHECKOUT_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "iot" / "iot.toml"
+
+
+class ConfigError(Exception):
+    """A config problem, phrased as one line: file, key, what was expected."""
+
+    def __init__(self, path: Path | str | None, key: str, problem: str):
+        self.path, self.key, self.problem = path, key, problem
+        where = str(path) if path else "built-in defaults"
+        super().__init__(f"{where}: {key}: {problem}" if key else f"{where}: {problem}")
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+    return {"range": (lo, hi)}
+
+
+def _choices(*values: str) -> dict[str, Any]:
+    return {"choices": values}
+
+
+@dataclass(frozen=True, slots=True)
+class PathsConfig:
+    # Daemons keep their state below this folder: outbox/, transfer/, dlq/, db/.
+    state_dir: Path = Path("/var/lib/iot")
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """How client daemons (and iotctl) reach the broker."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=1883, metadata=_range(1, 65535))
+    client_id_prefix: str = "iot"
+    username: str = ""
+    password: str = ""
+    # A file holding the password (first line), so the password need not sit in iot.toml.
+    password_file: Path | None = None
+    # TLS is on when cafile is set; certfile/keyfile add a client certificate.
+    cafile: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    keepalive: int = field(default=60, metadata=_range(5, 65535))
+    # Reconnect backoff: doubles from the first delay up to the cap, with random jitter.
+    reconnect_min: float = field(default=0.5, metadata=_range(0.05, 60))
+    reconnect_max: float = field(default=30.0, metadata=_range(0.1, 3600))
+
+    def read_password(self) -> str | None:
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().splitlines()[0] if self.password_file.stat().st_size else ""
+            except OSError as e:
+                raise ConfigError(None, "[mqtt] password_file", f"cannot read {self.password_file}: {e.strerror}") from e
+        return self.password or None
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    host: str = "0.0.0.0"
+    port: int = field(default=1883, metadata=_range(1, 65535))
+    max_connections: int = field(default=4096, metadata=_range(1, 1_000_000))
+    # Largest packet accepted from a client, in bytes (the protocol allows 268435455).
+    max_packet_size: int = field(default=16 * 1024 * 1024, metadata=_range(64, 268_435_455))
+    # Seconds a new connection may take to send CONNECT.
+    connect_timeout: float = field(default=10.0, metadata=_range(0.1, 3600))
+    max_inflight_messages: int = field(default=20, metadata=_range(1, 65535))
+    max_queued_messages: int = field(default=1000, metadata=_range(0, 10_000_000))
+    # Seconds between $SYS/broker/... updates; 0 turns them off.
+    sys_interval: float = field(default=10.0, metadata=_range(0, 86400))
+    allow_zero_length_clientid: bool = True
+
+
+SECTIONS: dict[str, type] = {
+    "paths": PathsConfig,
+    "mqtt": MqttConfig,
+    "broker": BrokerConfig,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path | None = None
+    paths: PathsConfig = PathsConfig()
+    mqtt: MqttConfig = MqttConfig()
+    broker: BrokerConfig = BrokerConfig()
+
+
+def find(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The file to read; one the user named is returned even if missing, so load() says so."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("IOT_CONFIG"):
+        return Path(os.environ["IOT_CONFIG"])
+    for candidate in (CHECKOUT_CONFIG, SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load(explicit: str | os.PathLike | None = None) -> Config:
+    path = find(explicit)
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such file") from None
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"invalid TOML: {e}") from None
+    return parse(raw, path)
+
+
+def parse(raw: dict[str, Any], path: Path | None) -> Config:
+    base = path.resolve().parent if path else Path.cwd()
+    sections: dict[str, Any] = {}
+    for name, table in raw.items():
+        cls = SECTIONS.get(name)
+        if cls is None:
+            raise ConfigError(path, f"[{name}]", f"unknown section (expected one of {', '.join(SECTIONS)})")
+        if not isinstance(table, dict):
+            raise ConfigError(path, name, "expected a [section] table")
+        sections[name] = _section(cls, name, table, path, base)
+    return Config(source=path, **sections)
+
+
+def _section(cls: type, name: str, table: dict[str, Any], path: Path | None, base: Path) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        f = fields.get(key)
+        if f is None:
+            raise ConfigError(path, f"[{name}] {key}", f"unknown key (expected one of {', '.join(fields)})")
+        values[key] = _convert(f, value, f"[{name}] {key}", path, base)
+    return cls(**values)
+
+
+def _convert(f: dataclasses.Field, value: Any, key: str, path: Path | None, base: Path) -> Any:
+    kind = str(f.type)  # annotations are strings here (from __future__ import annotations)
+    optional = kind.endswith("| None")
+    kind = kind.removesuffix(" | None")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(path, key, f"expected true or false, got {value!r}")
+        return value
+    if kind in ("int", "float"):
+        # TOML booleans are ints to Python; a port of `true` is a mistake, not 1.
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if kind == "float":
+            ok = ok or isinstance(value, float)
+        lo, hi = f.metadata.get("range", (None, None))
+        what = "an integer" if kind == "int" else "a number"
+        bounds = f" from {lo} to {hi}" if lo is not None and hi is not None else ""
+        if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(path, key, f"expected {what}{bounds}, got {value!r}")
+        return float(value) if kind == "float" else value
+    if kind in ("str", "Path"):
+        if not isinstance(value, str):
+            raise ConfigError(path, key, f"expected a string, got {value!r}")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(path, key, f"expected one of {', '.join(choices)}, got {value!r}")
+        if kind == "Path":
+            if value == "":
+                if optional:
+                    return None
+                raise ConfigError(path, key, "expected a path, got an empty string")
+            p = Path(value).expanduser()
+            return p if p.is_absolute() else base / p
+        return value
+    if kind == "tuple[str, ...]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(path, key, f"expected a list of strings, got {value!r}")
+        return tuple(value)
+    raise AssertionError(f"config field {key} has unsupported type {kind}")  # our bug, not the user's

@@ -1,0 +1,338 @@
+"""Run a daemon: command line, config, logging, signals, sd_notify, exit codes.
+
+Theory of operation: `run()` is every daemon's `main`. It parses the common command line,
+loads the config, sets up logging, and calls the daemon's `serve(svc)`. `serve` is either a
+plain function whose loop calls `svc.wait(timeout)` between units of work, or a coroutine
+function whose loop awaits `svc.stopped()`. Either way the daemon's own loop drives
+`svc.tick()`, which sends WATCHDOG=1 at half of $WATCHDOG_USEC and a periodic STATUS=, so a
+loop that hangs stops feeding the watchdog and systemd restarts it.
+
+Signal handlers only set flags (mosquitto's signals.c does the same): SIGTERM/SIGINT ask the
+loop to stop, SIGHUP asks it to call the daemon's reload callback *from the loop*. The daemon
+has 10 s to return after a stop request; past that the process exits EX_SOFTWARE rather
+than hang a shutdown.
+
+Exit codes follow sysexits.h: 0 after a graceful stop, EX_CONFIG (78) for a bad config,
+EX_USAGE (64) for a bad command line, otherwise whatever `Exit` carries; an unexpected
+exception is logged with its traceback and exits EX_SOFTWARE (70).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sdnotify
+
+from . import config as configmod
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_OSERR = 71
+EX_CANTCREAT = 73
+EX_IOERR = 74
+EX_TEMPFAIL = 75
+EX_CONFIG = configmod.EX_CONFIG
+
+STOP_GRACE = 10.0
+STATUS_INTERVAL = 5.0
+
+
+class Exit(Exception):
+    """Raise from a daemon to end it with `code` after logging `message` as one error line."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# -- logging ---------------------------------------------------------------------------------
+
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def _fmt_value(v: Any) -> str:
+    s = v if isinstance(v, str) else str(v)
+    if s == "" or any(c in s for c in ' ="\n\t'):
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return s
+
+
+class _Formatter(logging.Formatter):
+    """One line per event: message then key=value fields; syslog priority prefix for journald."""
+
+    def __init__(self, journal: bool):
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = record.getMessage()
+        fields = getattr(record, "kv", None)
+        if fields:
+            line += " " + " ".join(f"{k}={_fmt_value(v)}" for k, v in fields.items())
+        if record.exc_info:
+            # Tracebacks stay one journal entry per line but keep the priority on each.
+            line += "\n" + self.formatException(record.exc_info)
+        if self.journal:
+            prefix = f"<{_PRIORITY.get(record.levelno, 6)}>"
+            return "\n".join(prefix + part for part in line.split("\n"))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d} {record.levelname:<7} {record.name}: {line}"
+
+
+def _stderr_is_journal() -> bool:
+    # systemd's advice: trust JOURNAL_STREAM only if it names the stderr we actually have.
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+class Log:
+    """A logger whose calls take key=value fields: `log.info("connected", client=cid)`.
+
+    The level check comes before any formatting so that disabled debug lines on a hot path
+    cost one attribute lookup and a call.
+    """
+
+    __slots__ = ("_logger",)
+
+    def __init__(self, name: str):
+        self._logger = logging.getLogger(name)
+
+    def _log(self, level: int, msg: str, exc_info: Any, fields: dict[str, Any]) -> None:
+        if self._logger.isEnabledFor(level):
+            self._logger.log(level, msg, exc_info=exc_info, extra={"kv": fields}, stacklevel=3)
+
+    def debug(self, msg: str, **fields: Any) -> None:
+        self._log(logging.DEBUG, msg, None, fields)
+
+    def info(self, msg: str, **fields: Any) -> None:
+        self._log(logging.INFO, msg, None, fields)
+
+    def warning(self, msg: str, **fields: Any) -> None:
+        self._log(logging.WARNING, msg, None, fields)
+
+    def error(self, msg: str, exc_info: Any = None, **fields: Any) -> None:
+        self._log(logging.ERROR, msg, exc_info, fields)
+
+    def is_debug(self) -> bool:
+        return self._logger.isEnabledFor(logging.DEBUG)
+
+
+def setup_logging(name: str, verbose: bool = False) -> Log:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(journal=_stderr_is_journal()))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # paho and asyncio chatter only when asked for.
+    for noisy in ("asyncio", "paho", "watchdog"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    return Log(name)
+
+
+# -- the service -----------------------------------------------------------------------------
+
+
+class Service:
+    """What a running daemon sees of its runtime. Created by `run()`."""
+
+    def __init__(self, name: str, cfg: configmod.Config, args: argparse.Namespace, log: Log):
+        self.name, self.config, self.args, self.log = name, cfg, args, log
+        self.status_fn: Callable[[], str] | None = None
+        self.on_reload: Callable[[], None] | None = None
+        self._notifier = sdnotify.SystemdNotifier()
+        self._stop = threading.Event()
+        self._reload = False
+        self._async_stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog_interval = _watchdog_interval()
+        now = time.monotonic()
+        self._next_watchdog = now
+        self._next_status = now + STATUS_INTERVAL
+        self._ready = False
+
+    # notify ---------------------------------------------------------------------------------
+
+    def notify(self, line: str) -> None:
+        self._notifier.notify(line)
+
+    def ready(self, status: str | None = None) -> None:
+        """Tell the supervisor we serve. Call once the listener is bound / the client runs."""
+        self._ready = True
+        self.notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
+        self.log.info("ready", **({"status": status} if status else {}))
+
+    def set_status(self, text: str) -> None:
+        self.notify(f"STATUS={text}")
+
+    def tick(self) -> None:
+        """Called from the daemon's own loop; cheap when nothing is due."""
+        now = time.monotonic()
+        if self._watchdog_interval and now >= self._next_watchdog:
+            self._next_watchdog = now + self._watchdog_interval
+            self.notify("WATCHDOG=1")
+        if now >= self._next_status:
+            self._next_status = now + STATUS_INTERVAL
+            if self.status_fn is not None and self._ready:
+                self.set_status(self.status_fn())
+        if self._reload:
+            self._reload = False
+            self._do_reload()
+
+    def _do_reload(self) -> None:
+        if self.on_reload is None:
+            self.log.info("reload requested; nothing to reload")
+            return
+        self.notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
+        try:
+            self.on_reload()
+            self.log.info("reloaded")
+        except Exception as e:  # a bad reload keeps the old state running
+            self.log.error("reload failed; keeping the previous state", error=e)
+        self.notify("READY=1")
+
+    # stopping --------------------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def request_stop(self, reason: str = "requested") -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self.notify("STOPPING=1")
+        self.log.info("stopping", reason=reason)
+        if self._loop is not None and self._async_stop is not None:
+            self._loop.call_soon_threadsafe(self._async_stop.set)
+        # A daemon that cannot finish its stop in time must not hang the host's shutdown.
+        t = threading.Timer(STOP_GRACE, self._overdue)
+        t.daemon = True
+        t.start()
+
+    def _overdue(self) -> None:
+        self.log.error("graceful stop took longer than %gs; exiting" % STOP_GRACE)
+        logging.shutdown()
+        os._exit(EX_SOFTWARE)
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to `timeout` s (less if stopped); tick; return False once a stop is asked."""
+        self.tick()
+        if self._watchdog_interval:
+            timeout = min(timeout, self._watchdog_interval)
+        self._stop.wait(timeout)
+        self.tick()
+        return not self._stop.is_set()
+
+    async def stopped(self) -> None:
+        """Await the stop request while feeding the watchdog from this event loop."""
+        assert self._async_stop is not None, "stopped() needs a coroutine serve()"
+        period = min(1.0, self._watchdog_interval or 1.0)
+        while not self._async_stop.is_set():
+            self.tick()
+            try:
+                await asyncio.wait_for(self._async_stop.wait(), period)
+            except TimeoutError:
+                pass
+
+    # signals ---------------------------------------------------------------------------------
+
+    def _signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            self._reload = True
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self.tick)
+        else:
+            self.request_stop(signal.Signals(signum).name)
+
+    def _install_sync_signals(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, lambda signum, _frame: self._signal(signum))
+
+    async def _run_async(self, coro: Any) -> Any:
+        self._loop = asyncio.get_running_loop()
+        self._async_stop = asyncio.Event()
+        if self._stop.is_set():
+            self._async_stop.set()
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self._loop.add_signal_handler(s, self._signal, s)
+        return await coro
+
+
+def _watchdog_interval() -> float:
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return 0.0
+    try:
+        return max(int(usec) / 2e6, 0.01)
+    except ValueError:
+        return 0.0
+
+
+def run(
+    name: str,
+    description: str,
+    serve: Callable[[Service], Any],
+    *,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: Sequence[str] | None = None,
+    epilog: str | None = None,
+) -> int:
+    """Parse the command line, load config, run `serve`, and return the process exit code."""
+    parser = argparse.ArgumentParser(
+        prog=name, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "-c", "--config", metavar="FILE",
+        help="config file (default: $IOT_CONFIG, else etc/iot/iot.toml in a checkout, else /etc/iot/iot.toml)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
+    if add_arguments:
+        add_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on bad usage and 0 on --help
+        return EX_USAGE if e.code not in (0, None) else EX_OK
+
+    log = setup_logging(name, args.verbose)
+    try:
+        cfg = configmod.load(args.config)
+        svc = Service(name, cfg, args, log)
+        svc._install_sync_signals()  # an async serve() replaces these with loop handlers
+        if inspect.iscoroutinefunction(serve):
+            asyncio.run(svc._run_async(serve(svc)))
+        else:
+            serve(svc)
+    except configmod.ConfigError as e:
+        log.error(f"config error: {e}")
+        return EX_CONFIG
+    except Exit as e:
+        log.error(str(e))
+        return e.code
+    except KeyboardInterrupt:
+        return EX_OK
+    except Exception as e:
+        log.error("crashed", exc_info=e)
+        return EX_SOFTWARE
+    if not svc.stopping:
+        svc.notify("STOPPING=1")
+    log.info("stopped")
+    return EX_OK

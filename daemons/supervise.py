@@ -1,0 +1,157 @@
+"""`iotctl up` and `iotctl status`: the whole daemon set under supervisord, in a checkout.
+
+`up` writes a supervisord config into <state_dir>/run/, starts supervisord in the
+foreground, waits until every program is RUNNING (or says which one is not), prints where
+the broker listens, and on Ctrl-C lets supervisord stop the set (SIGTERM, stopwaitsecs)
+before it returns. Nothing is reported as started unless supervisord says it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config as configmod
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    name: str
+    priority: int  # supervisord starts lower numbers first: the broker before its clients
+    args: tuple[str, ...] = ()
+
+
+# Every daemon that exists. A daemon joins this list in the change that builds it.
+PROGRAMS: tuple[Program, ...] = (
+    Program("iot-broker", 10),
+)
+
+START_TIMEOUT = 30.0
+
+
+def _bin(name: str) -> str:
+    # Console scripts live beside the interpreter in a venv; fall back to PATH.
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def _rundir(cfg: configmod.Config) -> Path:
+    return cfg.paths.state_dir / "run"
+
+
+def render(cfg: configmod.Config, programs: tuple[Program, ...]) -> str:
+    run = _rundir(cfg)
+    logs = cfg.paths.state_dir / "log"
+    conf_arg = f" --config {cfg.source}" if cfg.source else ""
+    lines = [
+        "[unix_http_server]", f"file={run / 'supervisor.sock'}", "chmod=0700", "",
+        "[supervisord]", f"logfile={logs / 'supervisord.log'}", f"pidfile={run / 'supervisord.pid'}",
+        "nodaemon=true", "loglevel=info", "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
+        "[supervisorctl]", f"serverurl=unix://{run / 'supervisor.sock'}", "",
+    ]
+    for p in programs:
+        lines += [
+            f"[program:{p.name}]",
+            f"command={_bin(p.name)}{conf_arg}{''.join(' ' + a for a in p.args)}",
+            f"priority={p.priority}",
+            "autostart=true", "autorestart=true", "startsecs=1", "startretries=10",
+            "stopsignal=TERM", "stopwaitsecs=15", "stopasgroup=true", "killasgroup=true",
+            "redirect_stderr=true", f"stdout_logfile={logs / (p.name + '.log')}",
+            "stdout_logfile_maxbytes=10MB", "stdout_logfile_backups=3", "",
+        ]
+    return "\n".join(lines)
+
+
+def rpc(cfg: configmod.Config):
+    from supervisor.xmlrpc import SupervisorTransport  # noqa: PLC0415
+
+    sock = _rundir(cfg) / "supervisor.sock"
+    transport = SupervisorTransport(None, None, f"unix://{sock}")
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+
+def _states(cfg: configmod.Config) -> dict[str, str]:
+    return {p["name"]: p["statename"] for p in rpc(cfg).supervisor.getAllProcessInfo()}
+
+
+def cmd_up(args: argparse.Namespace, log) -> int:
+    cfg = configmod.load(args.config)
+    if not PROGRAMS:
+        print("iotctl up: no daemon is built yet; nothing to run", file=sys.stderr)
+        return 69
+    run, logs = _rundir(cfg), cfg.paths.state_dir / "log"
+    run.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    conf = run / "supervisord.conf"
+    conf.write_text(render(cfg, PROGRAMS))
+    # supervisord gets Ctrl-C from the terminal too; we only wait for it to finish the stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    proc = subprocess.Popen([_bin("supervisord"), "-c", str(conf)], start_new_session=False)
+    signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    ok = _wait_running(cfg, proc, log)
+    if ok:
+        print(f"iot-daemons running under supervisord ({len(PROGRAMS)} programs); logs in {logs}")
+        print(f"  broker: mqtt://{_display_host(cfg.broker.host)}:{cfg.broker.port}")
+        print("  stop: Ctrl-C    state: iotctl status", flush=True)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    rc = proc.wait()
+    return rc if not ok else 0
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def _wait_running(cfg: configmod.Config, proc: subprocess.Popen, log) -> bool:
+    deadline = time.monotonic() + START_TIMEOUT
+    states: dict[str, str] = {}
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            states = _states(cfg)
+        except (OSError, xmlrpc.client.Fault):
+            states = {}
+        if states and all(s == "RUNNING" for s in states.values()):
+            return True
+        bad = [n for n, s in states.items() if s in ("FATAL", "EXITED")]
+        if bad:
+            print(f"iotctl up: {', '.join(bad)} failed to start; see {cfg.paths.state_dir / 'log'}", file=sys.stderr)
+            return False
+        time.sleep(0.2)
+    print(f"iotctl up: not all programs running after {START_TIMEOUT:g}s: {states}", file=sys.stderr)
+    return False
+
+
+def cmd_status(args: argparse.Namespace, log) -> int:
+    cfg = configmod.load(args.config)
+    try:
+        infos = rpc(cfg).supervisor.getAllProcessInfo()
+    except OSError:
+        print("iotctl status: supervisord is not running for this config "
+              f"(no socket at {_rundir(cfg) / 'supervisor.sock'})", file=sys.stderr)
+        return 3
+    width = max((len(p["name"]) for p in infos), default=4)
+    for p in infos:
+        print(f"{p['name']:<{width}}  {p['statename']:<9} {p['description']}")
+    return 0 if all(p["statename"] == "RUNNING" for p in infos) else 3
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("up", help="run the whole daemon set in the foreground under supervisord",
+                       description="Run every daemon under supervisord with this checkout's etc/ and var/.")
+    p.add_argument("--config", metavar="FILE")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("status", help="show each daemon's state",
+                       description="Show every daemon's state (exit 0 if all run, 3 otherwise, like systemctl).")
+    p.add_argument("--config", metavar="FILE")
+    p.set_defaults(func=cmd_status)

@@ -1,0 +1,85 @@
+"""daemons.service under a real NOTIFY_SOCKET, the way systemd runs a Type=notify unit."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.support import ROOT, wait_for
+
+SAMPLE = str(ROOT / "tests/integration/sample_daemon.py")
+
+
+@pytest.mark.parametrize("flavour", [[], ["--async"]], ids=["sync-loop", "asyncio-loop"])
+def test_notify_protocol_ready_status_watchdog_stopping(daemon, tmp_path, flavour):
+    # WATCHDOG_USEC=200ms: the daemon must ping at least every 100 ms from its own loop.
+    proc, notify = daemon(SAMPLE, *flavour, env={"WATCHDOG_USEC": "200000"})
+    notify.wait_for("STATUS=", 10)  # a periodic status follows READY
+    t0 = time.monotonic()
+    notify.wait_for("WATCHDOG=1", 2)
+    pings_before = notify.messages.count("WATCHDOG=1")
+    time.sleep(0.6)
+    notify.drain(0.1)
+    assert notify.messages.count("WATCHDOG=1") - pings_before >= 3, "watchdog not fed at half of WATCHDOG_USEC"
+    assert time.monotonic() - t0 < 5
+
+    proc.signal(signal.SIGTERM)
+    start = time.monotonic()
+    assert proc.wait(10) == 0
+    assert time.monotonic() - start < 10
+    notify.drain(0.2)
+    assert "STOPPING=1" in notify.messages
+    assert notify.messages.index("READY=1") < notify.messages.index("STOPPING=1")
+
+
+def test_watchdog_not_sent_for_another_pid(daemon):
+    proc, notify = daemon(SAMPLE, env={"WATCHDOG_USEC": "100000", "WATCHDOG_PID": "1"})
+    time.sleep(0.5)
+    assert "WATCHDOG=1" not in notify.drain(0.1)
+
+
+def test_sighup_runs_the_reload_callback_from_the_loop(daemon):
+    proc, notify = daemon(SAMPLE)
+    proc.signal(signal.SIGHUP)
+    wait_for(lambda: "reload callback ran" in proc.log(), 5, what="reload log line")
+    notify.wait_for("RELOADING=1", 2)
+    assert proc.running()
+    proc.signal(signal.SIGINT)
+    assert proc.wait(10) == 0
+
+
+def test_a_stop_that_hangs_is_cut_off_after_10s(daemon):
+    proc, notify = daemon(SAMPLE, "--hang-on-stop")
+    proc.signal(signal.SIGTERM)
+    start = time.monotonic()
+    rc = proc.wait(20)
+    assert rc == 70 and 9 < time.monotonic() - start < 15
+    assert "graceful stop took longer" in proc.log()
+
+
+def test_journald_priority_prefix_only_when_stderr_is_the_journal_stream(tmp_path):
+    log = tmp_path / "err.log"
+    with open(log, "wb") as f:
+        st = os.fstat(f.fileno())
+        p = subprocess.Popen([sys.executable, SAMPLE], stderr=f,
+                             env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+        wait_for(lambda: "ready" in log.read_text(), 10, what="ready line")
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 0
+    lines = log.read_text().splitlines()
+    assert lines and all(line.startswith("<") for line in lines), lines
+    assert any(line.startswith("<6>ready status=serving") for line in lines), lines
+
+    # A JOURNAL_STREAM inherited by a process whose stderr went elsewhere is ignored.
+    r = subprocess.run([sys.executable, SAMPLE, "--config", str(tmp_path / "absent.toml")],
+                       capture_output=True, text=True, env={**os.environ, "JOURNAL_STREAM": "1:2"}, timeout=30)
+    assert r.returncode == 78 and not r.stderr.startswith("<")
+    assert "ERROR" in r.stderr and "config error" in r.stderr
+
+
+def test_bad_command_line_exits_64(tmp_path):
+    r = subprocess.run([sys.executable, SAMPLE, "--no-such-flag"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 64 and "unrecognized arguments" in r.stderr

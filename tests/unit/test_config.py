@@ -1,0 +1,120 @@
+import dataclasses
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from daemons import config
+from tests.support import ROOT
+
+SHIPPED = ROOT / "etc" / "iot" / "iot.toml"
+
+
+def load_text(tmp_path: Path, text: str) -> config.Config:
+    p = tmp_path / "iot.toml"
+    p.write_text(text)
+    return config.load(p)
+
+
+def test_shipped_file_loads_and_points_state_at_the_checkout():
+    cfg = config.load(SHIPPED)
+    assert cfg.paths.state_dir.resolve() == (ROOT / "var").resolve()
+    assert cfg.broker == config.BrokerConfig()
+    assert cfg.mqtt == config.MqttConfig()
+
+
+def test_shipped_file_documents_every_key_with_its_default():
+    """Each key of each section appears in the shipped file (commented or set) with the
+    built-in default, so the file is the reference a user reads."""
+    section = None
+    seen: dict[tuple[str, str], str] = {}
+    for line in SHIPPED.read_text().splitlines():
+        if m := re.match(r"^\[(\w+)\]", line):
+            section = m.group(1)
+        elif m := re.match(r"^#? ?(\w+) = (.+)$", line):
+            seen[(section, m.group(1))] = m.group(2)
+    for name, cls in config.SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert (name, f.name) in seen, f"[{name}] {f.name} is not documented in {SHIPPED}"
+            if name == "paths":
+                continue  # the checkout's file deliberately overrides state_dir
+            value = tomllib.loads(f"k = {seen[(name, f.name)]}")["k"]
+            documented = getattr(config.parse({name: {f.name: value}}, SHIPPED), name)
+            assert getattr(documented, f.name) == f.default, f"[{name}] {f.name} documents a wrong default"
+
+
+def test_defaults_apply_when_no_file_is_found(monkeypatch, tmp_path):
+    monkeypatch.delenv("IOT_CONFIG", raising=False)
+    monkeypatch.setattr(config, "CHECKOUT_CONFIG", tmp_path / "none.toml")
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", tmp_path / "none2.toml")
+    cfg = config.load(None)
+    assert cfg.source is None and cfg.broker.port == 1883
+
+
+def test_lookup_order_prefers_explicit_then_env(monkeypatch, tmp_path):
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text("[broker]\nport = 1001\n")
+    b.write_text("[broker]\nport = 1002\n")
+    monkeypatch.setenv("IOT_CONFIG", str(b))
+    assert config.load(a).broker.port == 1001
+    assert config.load(None).broker.port == 1002
+
+
+def test_relative_paths_resolve_against_the_files_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    p = tmp_path / "sub" / "iot.toml"
+    p.write_text('[paths]\nstate_dir = "../state"\n[mqtt]\ncafile = "ca.pem"\n')
+    cfg = config.load(p)
+    assert cfg.paths.state_dir.resolve() == (tmp_path / "state").resolve()
+    assert cfg.mqtt.cafile == tmp_path / "sub" / "ca.pem"
+
+
+@pytest.mark.parametrize(
+    "text, key, expected",
+    [
+        ("[broker]\nprot = 1\n", "[broker] prot", "unknown key"),
+        ("[brokr]\nport = 1\n", "[brokr]", "unknown section"),
+        ("[broker]\nport = 70000\n", "[broker] port", "expected an integer from 1 to 65535, got 70000"),
+        ("[broker]\nport = \"1883\"\n", "[broker] port", "expected an integer"),
+        ("[broker]\nport = true\n", "[broker] port", "expected an integer"),
+        ("[broker]\nallow_zero_length_clientid = 1\n", "[broker] allow_zero_length_clientid", "expected true or false"),
+        ("[mqtt]\nhost = 5\n", "[mqtt] host", "expected a string"),
+        ("[mqtt]\nkeepalive = 1\n", "[mqtt] keepalive", "from 5 to 65535"),
+        ("[broker]\nconnect_timeout = -1.5\n", "[broker] connect_timeout", "expected a number"),
+    ],
+)
+def test_bad_values_name_file_key_and_expectation(tmp_path, text, key, expected):
+    with pytest.raises(config.ConfigError) as e:
+        load_text(tmp_path, text)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(str(tmp_path / "iot.toml"))
+    assert key in msg and expected in msg
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(config.ConfigError, match="invalid TOML"):
+        load_text(tmp_path, "[broker\n")
+    with pytest.raises(config.ConfigError, match="no such file"):
+        config.load(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize("text", ["[broker]\nprot = 1883\n", "[mqtt]\nport = 0\n"])
+def test_daemon_with_bad_config_prints_one_line_and_exits_78(tmp_path, text):
+    cfg = tmp_path / "iot.toml"
+    cfg.write_text(text)
+    r = subprocess.run([sys.executable, str(ROOT / "tests/integration/sample_daemon.py"), "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 78
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert str(cfg) in lines[0] and ("prot" in lines[0] or "port" in lines[0])
+
+
+def test_missing_named_config_exits_78(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "tests/integration/sample_daemon.py"), "--config",
+                        str(tmp_path / "nope.toml")], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 78 and "nope.toml" in r.stderr and "no such file" in r.stderr
