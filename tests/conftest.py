@@ -51,4 +51,29 @@ def daemon(tmp_path: Path):
         p.stop()
 
 
-__all__ = ["free_port", "wait_for"]
+
+
+
+class BrokerProc:
+    def __init__(self, proc: Proc, notify: NotifySocket, port: int, config: Path):
+        self.proc, self.notify, self.port, self.config = proc, notify, port, config
+
+
+@pytest.fixture
+def broker_factory(daemon, tmp_path: Path):
+    """Start iot-broker on a free port with extra [broker] config lines; READY=1 awaited."""
+
+    def start(extra: str = "", *args: str, port: int | None = None) -> BrokerProc:
+        port = port or free_port()
+        cfg = tmp_path / f"broker-{port}.toml"
+        cfg.write_text(f'[paths]\nstate_dir = "{tmp_path / "var"}"\n[broker]\nhost = "127.0.0.1"\nport = {port}\n'
+                       + extra)
+        proc, notify = daemon("iot-broker", "--config", str(cfg), *args)
+        return BrokerProc(proc, notify, port, cfg)
+
+    return start
+
+
+@pytest.fixture
+def broker(broker_factory) -> BrokerProc:
+    return broker_factory()

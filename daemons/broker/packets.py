@@ -29,9 +29,10 @@ Encoding only does cheap checks, since it encodes our own data;
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Iterator, Union
+from typing import Union
 
 
 class PacketType(IntEnum):
@@ -606,12 +607,17 @@ class Reader:
     ``next_packet`` raises that error again and ``feed`` discards its input.
     """
 
-    __slots__ = ("_buffer", "_pos", "_header_errors", "_max", "_first_type", "_started", "_error")
+    __slots__ = (
+        "_buffer", "_pos", "_header_errors", "_max", "_first_type", "_first_rule", "_started", "_error",
+    )
 
     def __init__(self, role: str = "server", max_packet_size: int = MAX_REMAINING_LENGTH) -> None:
         self._header_errors = _header_errors(role)
         self._max = max_packet_size
-        self._first_type = PacketType.CONNECT if role == "server" else PacketType.CONNACK
+        if role == "server":
+            self._first_type, self._first_rule = PacketType.CONNECT, "MQTT-3.1.0-1"
+        else:
+            self._first_type, self._first_rule = PacketType.CONNACK, "MQTT-3.2.0-1"
         self._buffer = bytearray()
         # Consumed bytes stay in the buffer until the next feed, which drops
         # them in one go instead of shifting the buffer once per packet.
@@ -638,8 +644,7 @@ class Reader:
         try:
             if not self._started:
                 if kind != self._first_type:
-                    rule = "MQTT-3.1.0-1" if self._first_type is PacketType.CONNECT else "MQTT-3.2.0-1"
-                    raise ProtocolError(f"first packet must be {self._first_type.name}", rule)
+                    raise ProtocolError(f"first packet must be {self._first_type.name}", self._first_rule)
             elif kind == PacketType.CONNECT and self._first_type is PacketType.CONNECT:
                 raise ProtocolError("second CONNECT on one connection", "MQTT-3.1.0-2")
             result = _decode_at(memoryview(buffer), pos, self._header_errors, self._max)
@@ -794,7 +799,7 @@ def _encode_subscribe(packet: Subscribe) -> bytes:
     for topic_filter, qos in packet.topics:
         if qos not in (0, 1, 2):
             raise ValueError(f"requested QoS must be 0, 1 or 2, not {qos!r}")
-        body += (_utf8(topic_filter), _SMALL_VARINTS[qos])
+        body += (_utf8(topic_filter), bytes((qos,)))
     return _frame(0x82, b"".join(body))
 
 

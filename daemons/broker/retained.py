@@ -23,7 +23,7 @@ retained topics rather than the history of topics ever retained.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 from .packets import validate_topic_filter, validate_topic_name
 

@@ -28,7 +28,7 @@ formed) and are re-exported here.
 
 from __future__ import annotations
 
-from typing import Hashable
+from collections.abc import Hashable
 
 from .packets import InvalidTopic, validate_topic_filter, validate_topic_name
 

@@ -482,12 +482,13 @@ def test_mqtt_3_1_3_1_payload_fields_must_match_flags(flags, payload, rule):
 
 
 @pytest.mark.parametrize(("topic", "rule"), [("a/+", "MQTT-4.7.1-1"), ("#", "MQTT-4.7.1-1"), ("", "MQTT-4.7.3-1")])
-def test_will_topic_must_be_a_valid_topic_name(topic, rule):
+def test_mqtt_3_1_3_10_will_topic_must_be_a_valid_topic_name(topic, rule):
+    """[MQTT-3.1.3-10] [MQTT-4.7.1-1] [MQTT-4.7.3-1] The Will Topic is a topic name: no wildcards, not empty."""
     assert_error(connect_bytes(0x06, s("c") + s(topic) + s("m")), InvalidTopic, rule)
 
 
 def test_connect_payload_details():
-    """Empty client id is the broker's call; the password is binary, not UTF-8."""
+    """An empty client id decodes (accepting it is the broker's call); the password is binary."""
     packet, _ = decode(connect_bytes(0xC4 | 0x20 | 0x08, s("") + s("w/t") + s(b"\xff") + s("u") + s(b"\xff\x00")))
     assert packet == Connect(
         "", clean_session=False, will=Will("w/t", b"\xff", qos=1, retain=True),
@@ -599,7 +600,7 @@ def test_mqtt_3_8_3_4_requested_qos_byte(qos_byte):
     ("topic_filter", "rule"),
     [("a/#/b", "MQTT-4.7.1-2"), ("a#", "MQTT-4.7.1-2"), ("a+", "MQTT-4.7.1-3"), ("+a", "MQTT-4.7.1-3"), ("", "MQTT-4.7.3-1")],
 )
-def test_subscribe_filters_are_validated(topic_filter, rule):
+def test_mqtt_4_7_1_3_subscribe_filters_are_validated(topic_filter, rule):
     """[MQTT-4.7.1-2] [MQTT-4.7.1-3] [MQTT-4.7.3-1] Filters in SUBSCRIBE and UNSUBSCRIBE follow section 4.7."""
     assert_error(frame(0x82, b"\x00\x01" + s(topic_filter) + b"\x00"), InvalidTopic, rule)
     assert_error(frame(0xA2, b"\x00\x01" + s("ok") + s(topic_filter)), InvalidTopic, rule)
