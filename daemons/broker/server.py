@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import resource
 import sys
 import time
@@ -209,7 +210,8 @@ async def serve(svc: Service) -> None:
         listener = await loop.create_server(lambda: Connection(srv), cfg.host, port, backlog=1024)
     except OSError as e:
         hint = " (is another broker, e.g. mosquitto, running?)" if e.errno == errno.EADDRINUSE else ""
-        raise Exit(service.EX_OSERR, f"cannot listen on {cfg.host}:{port}: {e.strerror}{hint}") from None
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise Exit(service.EX_OSERR, f"cannot listen on {cfg.host}:{port}: {reason}{hint}") from None
     svc.status_fn = srv.broker.summary
     bound = listener.sockets[0].getsockname()
     svc.ready(f"listening on {bound[0]}:{bound[1]}")
