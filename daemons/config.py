@@ -84,7 +84,7 @@ class BrokerConfig:
     host: str = "0.0.0.0"
     port: int = field(default=1883, metadata=_range(1, 65535))
     max_connections: int = field(default=4096, metadata=_range(1, 1_000_000))
-    # Largest packet accepted from a client, in bytes (the protocol allows 268435455).
+    # Largest packet body (remaining length, without the fixed header) accepted from a client.
     max_packet_size: int = field(default=16 * 1024 * 1024, metadata=_range(64, 268_435_455))
     # Seconds a new connection may take to send CONNECT.
     connect_timeout: float = field(default=10.0, metadata=_range(0.1, 3600))
@@ -95,10 +95,93 @@ class BrokerConfig:
     allow_zero_length_clientid: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class TransferConfig:
+    """File transfer over MQTT: iot-transfer-send, iot-transfer-recv, `iotctl send/transfers`."""
+
+    # Topics are {topic_prefix}/file/{file_id}/meta|chunk|status|retry|ack; both ends must agree.
+    topic_prefix: str = "iot"
+    # Sender. Folders left unset ("") are <state_dir>/outbox and <state_dir>/transfer.
+    outbox: Path | None = None
+    after_send: str = field(default="move", metadata=_choices("move", "delete"))
+    chunk_size: int = field(default=256 * 1024, metadata=_range(1024, 8 * 1024 * 1024))
+    # Chunks sent but not yet confirmed by the receiver's status, per file: the pacing bound.
+    window: int = field(default=32, metadata=_range(1, 4096))
+    max_parallel: int = field(default=2, metadata=_range(1, 64))
+    # Bytes per second over all files; 0 = unlimited.
+    rate_limit: int = field(default=0, metadata=_range(0, 10**12))
+    # Seconds a closed or renamed-in file must stay unchanged before it is sent.
+    settle_time: float = field(default=0.5, metadata=_range(0, 3600))
+    # Seconds an unconfirmed chunk is given before the receiver's status may ask for it again.
+    resend_after: float = field(default=2.0, metadata=_range(0.05, 3600))
+    # Seconds without any status from the receiver before the sender announces the file again.
+    stall_timeout: float = field(default=5.0, metadata=_range(0.1, 3600))
+    # Receiver.
+    spool: Path | None = None
+    # Largest file accepted, in bytes; 0 = no limit.
+    max_file_size: int = field(default=4 * 1024**3, metadata=_range(0, 2**50))
+    # Bytes that must stay free on the spool's disk after a file is accepted.
+    min_free: int = field(default=100 * 1024**2, metadata=_range(0, 2**50))
+    # Seconds between status messages of an unfinished transfer (longer while nothing arrives).
+    status_interval: float = field(default=1.0, metadata=_range(0.05, 3600))
+    # The partial file is fsynced and its received set persisted every this many bytes (and 1 s).
+    sync_bytes: int = field(default=16 * 1024**2, metadata=_range(0, 2**40))
+    # Seconds an unfinished transfer may stay idle before its partial file is removed; 0 = never.
+    partial_ttl: float = field(default=7 * 86400.0, metadata=_range(0, 10**9))
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    """iot-ingest: signed QoS 1 readings into SQLite or MySQL/MariaDB; `iotctl dlq`, `iotctl stress`."""
+
+    # Topic filters subscribed at QoS 1 with the fixed client id "<client_id_prefix>-ingest".
+    topics: tuple[str, ...] = ("sensors/#",)
+    # Keys file ("<key id> <hex secret>" per line, mode 0600); "" = ingest.keys beside this file.
+    keys_file: Path | None = None
+    # Largest payload accepted, in bytes; larger ones go to the DLQ as "oversized".
+    max_payload: int = field(default=65536, metadata=_range(256, 268_435_455))
+    # A batch is written at batch_size rows, when its first message has waited batch_wait
+    # seconds, or when nothing arrived for batch_idle seconds (the broker's window is full).
+    batch_size: int = field(default=1000, metadata=_range(1, 100_000))
+    batch_wait: float = field(default=0.2, metadata=_range(0.001, 60))
+    batch_idle: float = field(default=0.005, metadata=_range(0.0005, 60))
+    # Messages held unacknowledged (received, not yet committed); past it the worker stops
+    # reading from the broker. Must be at least batch_size.
+    max_unacked: int = field(default=20_000, metadata=_range(1, 10_000_000))
+    # Database outage: retry with exponential backoff between these bounds, in seconds.
+    retry_min: float = field(default=0.5, metadata=_range(0.01, 600))
+    retry_max: float = field(default=30.0, metadata=_range(0.01, 3600))
+    # One status line (and sd_notify STATUS=) every this many records.
+    status_every: int = field(default=10_000, metadata=_range(1, 10**9))
+    # Dead-letter queue folder ("" = <state_dir>/dlq) and the size at which a segment is closed.
+    dlq_dir: Path | None = None
+    dlq_segment_bytes: int = field(default=64 * 1024**2, metadata=_range(4096, 2**40))
+    # Storage: "sqlite" (embedded; "" path = <state_dir>/db/ingest.db) or "mysql" (MySQL/MariaDB).
+    backend: str = field(default="sqlite", metadata=_choices("sqlite", "mysql"))
+    sqlite_path: Path | None = None
+    mysql_host: str = "127.0.0.1"
+    mysql_port: int = field(default=3306, metadata=_range(1, 65535))
+    # A unix socket instead of host/port ("" = TCP).
+    mysql_socket: Path | None = None
+    mysql_user: str = "iot"
+    mysql_password: str = ""
+    # A file whose first line is the password (keeps it out of this file); "" = unset.
+    mysql_password_file: Path | None = None
+    mysql_database: str = "iot"
+    # TLS: setting mysql_cafile turns it on (server certificate verified); cert/key add a client certificate.
+    mysql_cafile: Path | None = None
+    mysql_certfile: Path | None = None
+    mysql_keyfile: Path | None = None
+    # Seconds for connect, and for any one read or write, before the database counts as down.
+    mysql_timeout: float = field(default=30.0, metadata=_range(1, 3600))
+
+
 SECTIONS: dict[str, type] = {
     "paths": PathsConfig,
     "mqtt": MqttConfig,
     "broker": BrokerConfig,
+    "transfer": TransferConfig,
+    "ingest": IngestConfig,
 }
 
 
@@ -108,6 +191,8 @@ class Config:
     paths: PathsConfig = PathsConfig()
     mqtt: MqttConfig = MqttConfig()
     broker: BrokerConfig = BrokerConfig()
+    transfer: TransferConfig = TransferConfig()
+    ingest: IngestConfig = IngestConfig()
 
 
 def find(explicit: str | os.PathLike | None = None) -> Path | None:

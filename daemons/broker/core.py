@@ -60,9 +60,10 @@ PINGRESP = b"\xd0\x00"
 class Stats:
     """Counters behind $SYS/broker/... (Mosquitto's names) and the STATUS= line."""
 
-    messages_received: int = 0
+    messages_received: int = 0  # packets of any type, as Mosquitto counts
     messages_sent: int = 0
     publish_received: int = 0
+    publish_sent: int = 0
     publish_dropped: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
@@ -205,7 +206,7 @@ class Broker:
                 sent += 1
             else:
                 dropped += 1
-        self.stats.messages_sent += sent
+        self.stats.publish_sent += sent
         if dropped:
             self._dropped(msg, dropped)
 
@@ -254,6 +255,7 @@ class Broker:
             "$SYS/broker/messages/received": str(s.messages_received),
             "$SYS/broker/messages/sent": str(s.messages_sent),
             "$SYS/broker/publish/messages/received": str(s.publish_received),
+            "$SYS/broker/publish/messages/sent": str(s.publish_sent),
             "$SYS/broker/publish/messages/dropped": str(s.publish_dropped),
             "$SYS/broker/bytes/received": str(s.bytes_received),
             "$SYS/broker/bytes/sent": str(s.bytes_sent),
@@ -269,7 +271,7 @@ class Broker:
     def summary(self) -> str:
         s = self.stats
         return (f"clients={self.connected} sessions={len(self.sessions)} msgs_in={s.publish_received} "
-                f"msgs_out={s.messages_sent} dropped={s.publish_dropped} retained={len(self.retained)}")
+                f"msgs_out={s.publish_sent} dropped={s.publish_dropped} retained={len(self.retained)}")
 
 
 __all__ = ["Broker", "Limits", "Message", "Stats", "Will"]

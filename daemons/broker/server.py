@@ -82,7 +82,6 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.last_rx = time.monotonic()
         self.stats.bytes_received += len(data)
         reader = self.reader
         reader.feed(data)
@@ -91,6 +90,9 @@ class Connection(asyncio.Protocol):
                 pkt = reader.next_packet()
                 if pkt is None:
                     return
+                # Only a complete packet counts as activity [MQTT-3.1.2-24]: a byte trickle
+                # must not hold a connection open forever.
+                self.last_rx = time.monotonic()
                 if self.session is None:
                     if not self.broker.connect(self, pkt):
                         self.close()

@@ -1,0 +1,518 @@
+"""An MQTT 3.1.1 packet builder and a raw-socket client for black-box broker tests.
+
+Written from the specification (OASIS MQTT 3.1.1, chapters 2 and 3) with `struct` and plain
+code. It deliberately does NOT import `daemons.broker.packets`, the broker's own codec: a test
+that encoded its packets with the code under test could not see that code's bugs.
+
+Builders return the exact bytes a conforming peer puts on the wire; every argument that a
+test may want to get wrong on purpose can be overridden (`flags=`, `proto_name=`, raw `bytes`
+for strings, `length=` for the remaining length). `RawClient` reads with a deadline on every
+call, so no test can hang on a silent broker.
+
+Typical use::
+
+    c = RawClient(broker.port)
+    c.connect_ok("sub1")
+    c.send(subscribe(1, [("a/b", 1)]))
+    c.expect(suback(1, [1]))
+    p = c.recv_publish()
+    assert (p.topic, p.payload, p.qos) == ("a/b", b"x", 1)
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+# packet types, section 2.2.1
+CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
+TYPE_NAMES = {
+    0: "RESERVED0", 1: "CONNECT", 2: "CONNACK", 3: "PUBLISH", 4: "PUBACK", 5: "PUBREC", 6: "PUBREL",
+    7: "PUBCOMP", 8: "SUBSCRIBE", 9: "SUBACK", 10: "UNSUBSCRIBE", 11: "UNSUBACK", 12: "PINGREQ",
+    13: "PINGRESP", 14: "DISCONNECT", 15: "RESERVED15",
+}
+
+DEFAULT_TIMEOUT = 2.0  # for data that must arrive
+QUIET_TIMEOUT = 0.3  # for "nothing arrives" checks (loopback: replies take milliseconds)
+
+
+# --- encoding primitives ------------------------------------------------------------------
+
+
+def varint(n: int) -> bytes:
+    """The Remaining Length encoding of section 2.2.3 (1 to 4 bytes for 0..268435455)."""
+    if n < 0:
+        raise ValueError(n)
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def u16(n: int) -> bytes:
+    return struct.pack("!H", n)
+
+
+def string(s: str | bytes) -> bytes:
+    """A UTF-8 encoded string (section 1.5.3): two-byte length then the bytes. Pass `bytes`
+    to send arbitrary (e.g. ill-formed) content."""
+    raw = s.encode("utf-8") if isinstance(s, str) else bytes(s)
+    return u16(len(raw)) + raw
+
+
+def frame(first_byte: int, body: bytes, length: int | None = None) -> bytes:
+    """Fixed header + body. `length` overrides the Remaining Length (to build lies)."""
+    return bytes((first_byte,)) + varint(len(body) if length is None else length) + body
+
+
+# --- packet builders ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str | bytes
+    message: bytes = b""
+    qos: int = 0
+    retain: bool = False
+
+
+def connect(client_id: str | bytes = "", clean: bool = True, keepalive: int = 60, will: Will | None = None,
+            username: str | bytes | None = None, password: bytes | None = None, proto_name: str | bytes = "MQTT",
+            proto_level: int = 4, flags: int | None = None, first_byte: int = 0x10) -> bytes:
+    """CONNECT (section 3.1). `flags` replaces the computed Connect Flags byte entirely; the
+    payload still carries exactly the fields given."""
+    computed = 0x02 if clean else 0
+    payload = string(client_id)
+    if will is not None:
+        computed |= 0x04 | (will.qos & 3) << 3 | (0x20 if will.retain else 0)
+        payload += string(will.topic) + u16(len(will.message)) + will.message
+    if username is not None:
+        computed |= 0x80
+        payload += string(username)
+    if password is not None:
+        computed |= 0x40
+        payload += u16(len(password)) + password
+    header = string(proto_name) + bytes((proto_level, computed if flags is None else flags)) + u16(keepalive)
+    return frame(first_byte, header + payload)
+
+
+def connack(rc: int = 0, session_present: bool = False) -> bytes:
+    return bytes((0x20, 2, 1 if session_present else 0, rc))
+
+
+def publish(topic: str | bytes, payload: bytes = b"", qos: int = 0, mid: int | None = None,
+            retain: bool = False, dup: bool = False) -> bytes:
+    """PUBLISH (section 3.3). A packet id is written when qos > 0 or when `mid` is given."""
+    first = 0x30 | (0x08 if dup else 0) | (qos & 3) << 1 | (1 if retain else 0)
+    body = string(topic)
+    if qos > 0 or mid is not None:
+        body += u16(mid if mid is not None else 1)
+    return frame(first, body + payload)
+
+
+def puback(mid: int) -> bytes:
+    return b"\x40\x02" + u16(mid)
+
+
+def pubrec(mid: int) -> bytes:
+    return b"\x50\x02" + u16(mid)
+
+
+def pubrel(mid: int, flags: int = 0x02) -> bytes:
+    return bytes((0x60 | flags, 2)) + u16(mid)
+
+
+def pubcomp(mid: int) -> bytes:
+    return b"\x70\x02" + u16(mid)
+
+
+def subscribe(mid: int, topics: list[tuple[str | bytes, int]], flags: int = 0x02) -> bytes:
+    body = u16(mid) + b"".join(string(f) + bytes((q,)) for f, q in topics)
+    return frame(0x80 | flags, body)
+
+
+def suback(mid: int, codes: list[int]) -> bytes:
+    return frame(0x90, u16(mid) + bytes(codes))
+
+
+def unsubscribe(mid: int, filters: list[str | bytes], flags: int = 0x02) -> bytes:
+    return frame(0xA0 | flags, u16(mid) + b"".join(string(f) for f in filters))
+
+
+def unsuback(mid: int) -> bytes:
+    return b"\xb0\x02" + u16(mid)
+
+
+def pingreq() -> bytes:
+    return b"\xc0\x00"
+
+
+def pingresp() -> bytes:
+    return b"\xd0\x00"
+
+
+def disconnect() -> bytes:
+    return b"\xe0\x00"
+
+
+# --- decoding (for reading what the broker sends, and for messages) --------------------------
+
+
+@dataclass(frozen=True)
+class Packet:
+    raw: bytes
+    type: int
+    flags: int
+    body: bytes
+
+    @property
+    def name(self) -> str:
+        return TYPE_NAMES[self.type]
+
+
+@dataclass(frozen=True)
+class Pub:
+    """A PUBLISH as received."""
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int | None
+    retain: bool
+    dup: bool
+    raw: bytes
+    topic_bytes: bytes
+
+
+def split_packet(data: bytes) -> tuple[Packet, int] | None:
+    """The first complete packet in `data` and its size, or None if incomplete."""
+    if len(data) < 2:
+        return None
+    length, mult, pos = 0, 1, 1
+    while True:
+        if pos >= len(data):
+            return None
+        b = data[pos]
+        length += (b & 0x7F) * mult
+        mult *= 128
+        pos += 1
+        if not b & 0x80:
+            break
+        if pos > 4:
+            raise AssertionError(f"broker sent a remaining length longer than 4 bytes: {data[:8].hex(' ')}")
+    end = pos + length
+    if len(data) < end:
+        return None
+    raw = bytes(data[:end])
+    return Packet(raw, raw[0] >> 4, raw[0] & 0x0F, raw[pos:end]), end
+
+
+def parse_publish(pkt: Packet) -> Pub:
+    assert pkt.type == PUBLISH, f"expected a PUBLISH, got {describe(pkt.raw)}"
+    qos = pkt.flags >> 1 & 3
+    (tlen,) = struct.unpack("!H", pkt.body[:2])
+    topic_bytes = pkt.body[2:2 + tlen]
+    pos = 2 + tlen
+    mid = None
+    if qos:
+        (mid,) = struct.unpack("!H", pkt.body[pos:pos + 2])
+        pos += 2
+    return Pub(topic_bytes.decode("utf-8"), pkt.body[pos:], qos, mid, bool(pkt.flags & 1), bool(pkt.flags & 8),
+               pkt.raw, topic_bytes)
+
+
+def describe(data: bytes) -> str:
+    """A readable rendering of a byte string holding zero or more packets (for diffs)."""
+    if not data:
+        return "<nothing>"
+    parts = []
+    rest = bytes(data)
+    while rest:
+        if len(parts) == 8:
+            parts.append(f"<{len(rest)} more bytes>")
+            break
+        try:
+            got = split_packet(rest)
+        except AssertionError:
+            got = None
+        if got is None:
+            parts.append(f"<partial {rest.hex(' ')}>")
+            break
+        pkt, used = got
+        rest = rest[used:]
+        if pkt.type == PUBLISH and len(pkt.body) >= 2:
+            try:
+                p = parse_publish(pkt)
+                parts.append(f"PUBLISH(topic={p.topic!r}, payload={p.payload[:40]!r}, qos={p.qos}, mid={p.mid}, "
+                             f"retain={int(p.retain)}, dup={int(p.dup)})")
+                continue
+            except Exception:  # noqa: BLE001 - fall back to hex for anything odd
+                pass
+        parts.append(f"{pkt.name}(flags={pkt.flags:#x}, body={pkt.body.hex(' ')})")
+    return " + ".join(parts) + f"   [hex: {bytes(data)[:64].hex(' ')}{' ...' if len(data) > 64 else ''}]"
+
+
+# --- the client ---------------------------------------------------------------------------------
+
+
+class RawClient:
+    """One TCP connection to the broker. Every read has a deadline."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = DEFAULT_TIMEOUT):
+        self.port, self.host = port, host
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+        self.eof = False  # the broker closed the connection (FIN or RST seen)
+
+    # context manager: tests that open many clients close them all
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self, deadline: float) -> bool:
+        """Read whatever arrives before `deadline` into the buffer. False on timeout or EOF."""
+        if self.eof:
+            return False
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        ready, _, _ = select.select([self.sock], [], [], remaining)
+        if not ready:
+            return False
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        except OSError as e:
+            if e.errno in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED):
+                data = b""
+            else:
+                raise
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+    def recv_exact(self, n: int, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        deadline = time.monotonic() + timeout
+        while len(self.buf) < n and self._fill(deadline):
+            pass
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def expect(self, expected: bytes, timeout: float = DEFAULT_TIMEOUT, what: str = "") -> None:
+        """Read exactly len(expected) bytes and assert they are `expected`."""
+        got = self.recv_exact(len(expected), timeout)
+        if got != expected:
+            why = "connection closed" if self.eof else f"after {timeout}s" if len(got) < len(expected) else "mismatch"
+            raise AssertionError(
+                f"{what + ': ' if what else ''}unexpected data from the broker ({why})\n"
+                f"  expected: {describe(expected)}\n"
+                f"  received: {describe(got)}")
+
+    def recv_packet(self, timeout: float = DEFAULT_TIMEOUT) -> Packet:
+        """One whole packet, framed by its remaining length."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = split_packet(self.buf)
+            if got is not None:
+                pkt, used = got
+                self.buf = self.buf[used:]
+                return pkt
+            if not self._fill(deadline):
+                state = "the broker closed the connection" if self.eof else f"nothing complete within {timeout}s"
+                raise AssertionError(f"expected a packet, but {state}; buffered: {describe(self.buf)}")
+
+    def recv_publish(self, timeout: float = DEFAULT_TIMEOUT) -> Pub:
+        pkt = self.recv_packet(timeout)
+        if pkt.type != PUBLISH:
+            raise AssertionError(f"expected a PUBLISH, got {describe(pkt.raw)}")
+        return parse_publish(pkt)
+
+    def expect_nothing(self, timeout: float = QUIET_TIMEOUT, what: str = "") -> None:
+        """Assert that no byte arrives within `timeout` and the connection stays open."""
+        deadline = time.monotonic() + timeout
+        while not self.buf and self._fill(deadline):
+            pass
+        if self.buf:
+            raise AssertionError(f"{what + ': ' if what else ''}expected nothing, received {describe(self.buf)}")
+        if self.eof:
+            raise AssertionError(f"{what + ': ' if what else ''}expected nothing, but the broker closed the connection")
+
+    def expect_closed(self, timeout: float = DEFAULT_TIMEOUT, what: str = "") -> None:
+        """Assert the broker closes the connection (EOF or reset) within `timeout`, sending no
+        (further) data before it."""
+        deadline = time.monotonic() + timeout
+        while not self.eof and self._fill(deadline):
+            pass
+        prefix = what + ": " if what else ""
+        if self.buf:
+            raise AssertionError(f"{prefix}expected the connection to close without data, received {describe(self.buf)}"
+                                 + ("" if self.eof else f" and it is still open after {timeout}s"))
+        if not self.eof:
+            raise AssertionError(f"{prefix}the broker did not close the connection within {timeout}s")
+
+    def closed_within(self, timeout: float) -> bool:
+        """True if the broker closes the connection within `timeout` (anything received on
+        the way stays buffered)."""
+        deadline = time.monotonic() + timeout
+        while not self.eof and self._fill(deadline):
+            pass
+        return self.eof
+
+    def read_until_closed(self, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        """Everything received until the broker closes the connection; asserts it closes
+        within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while not self.eof and self._fill(deadline):
+            pass
+        data, self.buf = self.buf, b""
+        if not self.eof:
+            raise AssertionError(f"the broker did not close the connection within {timeout}s; "
+                                 f"received {describe(data)}")
+        return data
+
+    def is_open(self, timeout: float = DEFAULT_TIMEOUT) -> bool:
+        """Round-trip a PINGREQ: True if a PINGRESP comes back (buffered data is kept)."""
+        try:
+            self.send(pingreq())
+        except OSError:
+            return False
+        deadline = time.monotonic() + timeout
+        while True:
+            idx = self.buf.find(b"\xd0\x00")
+            if idx >= 0 and self._pingresp_at(idx):
+                self.buf = self.buf[:idx] + self.buf[idx + 2:]
+                return True
+            if not self._fill(deadline):
+                return False
+
+    def _pingresp_at(self, idx: int) -> bool:
+        # Only a PINGRESP on a packet boundary counts.
+        pos, data = 0, self.buf
+        while pos < idx:
+            got = split_packet(data[pos:])
+            if got is None:
+                return False
+            pos += got[1]
+        return pos == idx
+
+    # helpers -------------------------------------------------------------------------------
+
+    def connect_ok(self, client_id: str = "", clean: bool = True, keepalive: int = 60,
+                   session_present: bool = False, **kw) -> RawClient:
+        """Send CONNECT and expect CONNACK(accepted, session_present)."""
+        self.send(connect(client_id, clean, keepalive, **kw))
+        self.expect(connack(0, session_present), what=f"CONNACK for {client_id!r}")
+        return self
+
+    def subscribe_ok(self, topics: list[tuple[str, int]], mid: int = 1) -> RawClient:
+        """SUBSCRIBE and expect a SUBACK granting each requested QoS."""
+        self.send(subscribe(mid, topics))
+        self.expect(suback(mid, [q for _, q in topics]), what=f"SUBACK for {topics}")
+        return self
+
+    def publish_ok(self, topic: str | bytes, payload: bytes = b"", qos: int = 0, mid: int = 1,
+                   retain: bool = False) -> RawClient:
+        """PUBLISH and complete its QoS flow as a conforming client does (PUBACK; PUBREC,
+        PUBREL, PUBCOMP). Only for a client not subscribed to `topic`: it expects nothing
+        else on the way."""
+        self.send(publish(topic, payload, qos, mid if qos else None, retain))
+        if qos == 1:
+            self.expect(puback(mid), what=f"PUBACK for {topic!r}")
+        elif qos == 2:
+            self.expect(pubrec(mid), what=f"PUBREC for {topic!r}")
+            self.send(pubrel(mid))
+            self.expect(pubcomp(mid), what=f"PUBCOMP for {topic!r}")
+        return self
+
+    def disconnect(self) -> None:
+        """Send DISCONNECT and close our side."""
+        try:
+            self.send(disconnect())
+        except OSError:
+            pass
+        self.close()
+
+
+def collect_publishes(clients: list[RawClient], quiet: float = QUIET_TIMEOUT, limit: float = 5.0) -> list[list[Pub]]:
+    """Read from every client at once until none has received anything for `quiet` seconds
+    (at most `limit`); returns each client's PUBLISH packets in arrival order. Any other
+    packet fails the test."""
+    got: list[list[Pub]] = [[] for _ in clients]
+    end = time.monotonic() + limit
+    last = time.monotonic()
+    while True:
+        for i, c in enumerate(clients):
+            while (r := split_packet(c.buf)) is not None:
+                c.buf = c.buf[r[1]:]
+                got[i].append(parse_publish(r[0]))
+        wait = min(last + quiet, end) - time.monotonic()
+        open_socks = [c.sock for c in clients if not c.eof]
+        if wait <= 0 or not open_socks:
+            return got
+        ready, _, _ = select.select(open_socks, [], [], wait)
+        if not ready:
+            return got
+        for c in clients:
+            if c.sock in ready:
+                c._fill(time.monotonic() + 0.05)
+        last = time.monotonic()
+
+
+def check_each(cases, check) -> None:
+    """Run `check(case)` for every case and fail once at the end listing every case that
+    failed, so one failing case does not hide the others (one broker serves them all)."""
+    cases, failures = list(cases), []
+    for case in cases:
+        try:
+            check(case)
+        except (AssertionError, OSError) as e:
+            failures.append(f"- {case!r}: {e}")
+    assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures)
+
+
+def client(port: int, client_id: str = "", clean: bool = True, keepalive: int = 60,
+           subs: list[tuple[str, int]] | None = None, session_present: bool = False, **kw) -> RawClient:
+    """A connected RawClient, optionally subscribed."""
+    c = RawClient(port)
+    c.connect_ok(client_id, clean, keepalive, session_present=session_present, **kw)
+    if subs:
+        c.subscribe_ok(subs)
+    return c
+
+
+def assert_serves_new_client(port: int) -> None:
+    """After a connection was closed for a protocol error, the broker still serves others:
+    a new client connects, subscribes and gets its own message back."""
+    with RawClient(port) as c:
+        c.connect_ok("alive-check")
+        c.subscribe_ok([("alive/check", 1)])
+        c.send(publish("alive/check", b"ok", 1, 7))
+        got = [c.recv_packet(), c.recv_packet()]
+        kinds = sorted(p.type for p in got)
+        assert kinds == [PUBLISH, PUBACK], f"broker no longer serves clients: {[describe(p.raw) for p in got]}"
+        pub = parse_publish(next(p for p in got if p.type == PUBLISH))
+        assert (pub.topic, pub.payload) == ("alive/check", b"ok")
+        c.send(puback(pub.mid))
+        c.disconnect()
+

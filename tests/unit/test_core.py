@@ -1,0 +1,185 @@
+"""The broker core fed packets directly, no sockets: each Link records what the core sends it
+and the bytes are decoded back with the client-role codec."""
+
+from __future__ import annotations
+
+from daemons.broker import packets as p
+from daemons.broker.core import Broker, Limits
+from daemons.service import Log
+
+
+class Link:
+    def __init__(self, congested: bool = False):
+        self.sent: list[bytes] = []
+        self.closed = False
+        self._congested = congested
+        self.session = self.will = None
+        self.keepalive = 0
+        self.backlog: list = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def congested(self) -> bool:
+        return self._congested
+
+    def packets(self) -> list:
+        out, data = self.backlog, b"".join(self.sent)
+        self.backlog, self.sent = [], []
+        while data:
+            pkt, n = p.decode(data, role="client")
+            out.append(pkt)
+            data = data[n:]
+        return out
+
+
+def connect(b: Broker, cid: str, clean: bool = True, will: p.Will | None = None) -> tuple[Link, p.Connack]:
+    link = Link()
+    b.connect(link, p.Connect(cid, clean_session=clean, will=will))
+    connack, *link.backlog = link.packets()
+    return link, connack
+
+
+def test_persistent_session_queues_and_resumes_with_dup():
+    b = Broker(Log("t"), Limits(max_inflight=2, max_queued=10))
+    sub, ack = connect(b, "s", clean=False)
+    assert ack == p.Connack(False, p.ConnackCode.ACCEPTED)
+    b.handle(sub, p.Subscribe(1, (("t/#", 1),)))
+    assert sub.packets() == [p.Suback(1, (1,))]
+    pub, _ = connect(b, "pub")
+    for i in range(3):
+        b.handle(pub, p.Publish("t/x", b"%d" % i, 1, packet_id=i + 1))
+    got = sub.packets()
+    assert [x.payload for x in got] == [b"0", b"1"], "window of 2: the third waits"
+    b.closed(sub, graceful=False)  # away with two unacknowledged and one queued
+
+    sub2, ack = connect(b, "s", clean=False)
+    assert ack.session_present
+    resent = sub2.packets()
+    assert [(x.payload, x.dup) for x in resent] == [(b"0", True), (b"1", True)]
+    b.handle(sub2, p.Puback(resent[0].packet_id))
+    nxt = sub2.packets()
+    assert [(x.payload, x.dup) for x in nxt] == [(b"2", False)]
+
+
+def test_clean_session_discards_state_and_subscriptions():
+    b = Broker(Log("t"))
+    sub, _ = connect(b, "s", clean=False)
+    b.handle(sub, p.Subscribe(1, (("a", 1),)))
+    b.closed(sub, graceful=True)
+    sub2, ack = connect(b, "s", clean=True)
+    assert not ack.session_present
+    pub, _ = connect(b, "pub")
+    b.handle(pub, p.Publish("a", b"x", 1, packet_id=1))
+    assert sub2.packets() == []
+
+
+def test_qos2_incoming_duplicate_is_acknowledged_but_routed_once():
+    b = Broker(Log("t"))
+    sub, _ = connect(b, "s")
+    b.handle(sub, p.Subscribe(1, (("q", 0),)))
+    sub.packets()
+    pub, _ = connect(b, "pub")
+    for dup in (False, True):
+        b.handle(pub, p.Publish("q", b"once", 2, dup=dup, packet_id=9))
+    assert pub.packets() == [p.Pubrec(9), p.Pubrec(9)]
+    assert [x.payload for x in sub.packets()] == [b"once"]
+    b.handle(pub, p.Pubrel(9))
+    assert pub.packets() == [p.Pubcomp(9)]
+    b.handle(pub, p.Publish("q", b"again", 2, packet_id=9))  # id free again: a new message
+    assert [x.payload for x in sub.packets()] == [b"again"]
+
+
+def test_outgoing_qos2_flow_and_pubrel_resent_on_resume():
+    b = Broker(Log("t"))
+    sub, _ = connect(b, "s", clean=False)
+    b.handle(sub, p.Subscribe(1, (("q", 2),)))
+    sub.packets()
+    pub, _ = connect(b, "pub")
+    b.handle(pub, p.Publish("q", b"m", 2, packet_id=1))
+    (msg,) = sub.packets()
+    b.handle(sub, p.Pubrec(msg.packet_id))
+    assert sub.packets() == [p.Pubrel(msg.packet_id)]
+    b.closed(sub, graceful=False)
+    sub2, _ = connect(b, "s", clean=False)
+    assert sub2.packets() == [p.Pubrel(msg.packet_id)], "PUBREL, not the PUBLISH, is re-sent [MQTT-4.4.0-1]"
+    b.handle(sub2, p.Pubcomp(msg.packet_id))
+    assert b.sessions["s"].inflight == {}
+
+
+def test_takeover_closes_the_old_connection_and_publishes_its_will():
+    b = Broker(Log("t"))
+    watcher, _ = connect(b, "w")
+    b.handle(watcher, p.Subscribe(1, (("will/#", 0),)))
+    watcher.packets()
+    old, _ = connect(b, "dev", will=p.Will("will/dev", b"gone", 0, False))
+    new, ack = connect(b, "dev")
+    assert old.closed and ack.return_code == p.ConnackCode.ACCEPTED
+    assert [x.payload for x in watcher.packets()] == [b"gone"]
+    b.closed(old, graceful=False)  # the transport's late notice changes nothing
+    assert b.sessions["dev"].conn is new
+
+
+def test_disconnect_discards_the_will():
+    b = Broker(Log("t"))
+    watcher, _ = connect(b, "w")
+    b.handle(watcher, p.Subscribe(1, (("will/#", 0),)))
+    watcher.packets()
+    dev, _ = connect(b, "dev", will=p.Will("will/dev", b"gone", 0, False))
+    b.handle(dev, p.Disconnect())
+    b.closed(dev, graceful=False)
+    assert dev.closed and watcher.packets() == []
+
+
+def test_zero_length_client_id_rules():
+    b = Broker(Log("t"))
+    link = Link()
+    assert not b.connect(link, p.Connect("", clean_session=False))
+    assert link.packets() == [p.Connack(False, p.ConnackCode.IDENTIFIER_REJECTED)]
+    link = Link()
+    assert b.connect(link, p.Connect("", clean_session=True))
+    assert link.packets() == [p.Connack(False, p.ConnackCode.ACCEPTED)]
+    strict = Broker(Log("t"), Limits(allow_zero_length_clientid=False))
+    link = Link()
+    assert not strict.connect(link, p.Connect("", clean_session=True))
+
+
+def test_queue_overflow_is_counted_not_silent():
+    b = Broker(Log("t"), Limits(max_inflight=1, max_queued=2))
+    sub, _ = connect(b, "s", clean=False)
+    b.handle(sub, p.Subscribe(1, (("o", 1),)))
+    b.closed(sub, graceful=False)
+    pub, _ = connect(b, "pub")
+    for i in range(5):
+        b.handle(pub, p.Publish("o", b"%d" % i, 1, packet_id=i + 1))
+    assert b.stats.publish_dropped == 3
+    assert b.sessions["s"].dropped == 3
+    sub2, _ = connect(b, "s", clean=False)
+    got = sub2.packets()
+    assert [x.payload for x in got] == [b"0"]
+
+
+def test_qos0_to_a_congested_client_is_dropped_and_counted():
+    b = Broker(Log("t"))
+    slow = Link(congested=True)
+    b.connect(slow, p.Connect("slow"))
+    b.handle(slow, p.Subscribe(1, (("z", 0),)))
+    pub, _ = connect(b, "pub")
+    b.handle(pub, p.Publish("z", b"x", 0))
+    assert b.stats.publish_dropped == 1
+
+
+def test_retained_delivered_after_suback_with_retain_flag_at_granted_qos():
+    b = Broker(Log("t"))
+    pub, _ = connect(b, "pub")
+    b.handle(pub, p.Publish("r/a", b"v", 2, retain=True, packet_id=1))
+    sub, _ = connect(b, "s")
+    b.handle(sub, p.Subscribe(5, (("r/#", 1),)))
+    suback, msg = sub.packets()
+    assert suback == p.Suback(5, (1,))
+    assert (msg.topic, msg.payload, msg.retain, msg.qos) == ("r/a", b"v", True, 1)
+    b.handle(pub, p.Publish("r/a", b"", 0, retain=True))
+    assert len(b.retained) == 0
