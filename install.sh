@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
 # install.sh: install iot-daemons.
 #
-#   ./install.sh --local              a venv in this checkout (.venv) with the package installed
-#                                     editable; state under ./var. Safe to run again.
-#   ./install.sh --local --test-deps  the same, plus the Debian packages the tests run for real
-#                                     (mosquitto, mosquitto-clients, mariadb-server): needs root.
+#   sudo ./install.sh                  system install: user iot, venv /opt/iot (versions pinned by
+#                                      deploy/constraints.txt), config /etc/iot, state /var/lib/iot,
+#                                      systemd units enabled under iot.target. Starts nothing.
+#        --start                       ... and start iot.target (on an upgrade: restart what ran)
+#        --supervisor                  supervisord instead of systemd (/etc/iot/supervisord.conf)
+#        --wheelhouse DIR              install offline from wheels made by --make-wheelhouse DIR
+#        --root DIR                    install into a staging root (tests, packagers); no user, no start
+#        --uninstall [--purge]         remove units and /opt/iot; --purge also /etc/iot, /var/lib/iot, user
+#   ./install.sh --make-wheelhouse DIR every wheel the system install needs, for hosts without internet
+#   ./install.sh --local               a venv in this checkout (.venv), package installed editable
+#   ./install.sh --local --test-deps   the same plus the Debian packages the tests run for real
 #
-# Each step says what it does; the first one that fails stops the script with its name.
+# Each step says what it does and whether it changed anything; a second run changes nothing. The
+# first step that fails stops the script and names itself.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-MODE=""
-TEST_DEPS=0
-APT_TEST_PACKAGES=(mosquitto mosquitto-clients mariadb-server)
+MODE=system
+TEST_DEPS=0 START=0 SUPERVISOR=0 PURGE=0
+ROOT="" WHEELHOUSE="" MAKE_WHEELHOUSE=""
+APT_TEST_PACKAGES=(mosquitto mosquitto-clients mariadb-server debootstrap systemd-container)
+UNITS=(iot-broker.service iot-transfer-recv.service iot-transfer-send.service iot-ingest.service iot.target)
+CHANGED=0
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
-step() { printf '==> %s\n' "$*"; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+step() { CURRENT="$*"; printf '==> %s\n' "$*"; }
+say() { printf '    %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 trap 'rc=$?; [ $rc -eq 0 ] || printf "install.sh: failed at step: %s\n" "${CURRENT:-start}" >&2' EXIT
 
@@ -23,51 +35,231 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --local) MODE=local ;;
     --test-deps) TEST_DEPS=1 ;;
+    --start) START=1 ;;
+    --supervisor) SUPERVISOR=1 ;;
+    --uninstall) MODE=uninstall ;;
+    --purge) PURGE=1 ;;
+    --root) ROOT=$(realpath -m "${2:?--root needs a folder}"); shift ;;
+    --wheelhouse) WHEELHOUSE=$(realpath "${2:?--wheelhouse needs a folder}"); shift ;;
+    --make-wheelhouse) MODE=wheelhouse; MAKE_WHEELHOUSE=$(realpath -m "${2:?--make-wheelhouse needs a folder}"); shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown option: $1" ;;
   esac
   shift
 done
-[ -n "$MODE" ] || { usage >&2; die "the system install (sudo ./install.sh) is not built yet; use --local"; }
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else die "needs root: $*"; fi; }
 
 apt_install() {
   local missing=()
   for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p"); done
-  if [ ${#missing[@]} -eq 0 ]; then echo "    already installed: $*"; return; fi
-  echo "    apt-get install ${missing[*]}"
+  if [ ${#missing[@]} -eq 0 ]; then say "already installed: $*"; return; fi
+  say "apt-get install ${missing[*]}"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-CURRENT="check python"
-step "$CURRENT"
-PY=${PYTHON:-python3}
-command -v "$PY" >/dev/null || die "python3 not found: sudo apt-get install python3 python3-venv"
-"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python >= 3.11 needed, found $("$PY" -V 2>&1)"
-if ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
-  if [ "$(id -u)" -eq 0 ] || command -v sudo >/dev/null; then apt_install python3-venv
-  else die "python3 has no venv module: sudo apt-get install python3-venv"; fi
-fi
+check_python() {
+  step "check python"
+  PY=${PYTHON:-python3}
+  command -v "$PY" >/dev/null || die "python3 not found: sudo apt-get install python3 python3-venv"
+  "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python >= 3.11 needed, found $("$PY" -V 2>&1)"
+  if ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
+    if [ "$(id -u)" -eq 0 ] || command -v sudo >/dev/null; then apt_install python3-venv
+    else die "python3 has no venv module: sudo apt-get install python3-venv"; fi
+  fi
+  say "$("$PY" -V)"
+}
 
-if [ "$TEST_DEPS" -eq 1 ]; then
-  CURRENT="install test dependencies (Debian packages)"
-  step "$CURRENT"
-  apt_install "${APT_TEST_PACKAGES[@]}"
-fi
+# -- a checkout venv ---------------------------------------------------------------------------
 
-CURRENT="create venv $HERE/.venv"
-step "$CURRENT"
-if [ -x "$HERE/.venv/bin/python" ]; then echo "    exists"; else "$PY" -m venv "$HERE/.venv"; fi
+install_local() {
+  check_python
+  if [ "$TEST_DEPS" -eq 1 ]; then
+    step "install test dependencies (Debian packages)"
+    apt_install "${APT_TEST_PACKAGES[@]}"
+  fi
+  step "create venv $HERE/.venv"
+  if [ -x "$HERE/.venv/bin/python" ]; then say "exists"; else "$PY" -m venv "$HERE/.venv"; fi
+  step "install iot-daemons (editable) into the venv"
+  "$HERE/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$HERE[test]"
+  step "create state folders under $HERE/var"
+  mkdir -p "$HERE"/var/{outbox,transfer,dlq,db,run,log}
+  step "installed: $HERE/.venv/bin/iotctl, config $HERE/etc/iot/iot.toml"
+}
 
-CURRENT="install iot-daemons (editable) into the venv"
-step "$CURRENT"
-"$HERE/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$HERE[test]"
+# -- wheels for offline hosts --------------------------------------------------------------------
 
-CURRENT="create state folders under $HERE/var"
-step "$CURRENT"
-mkdir -p "$HERE"/var/{outbox,transfer,dlq,db,run,log}
+make_wheelhouse() {
+  check_python
+  step "download pinned wheels into $MAKE_WHEELHOUSE"
+  mkdir -p "$MAKE_WHEELHOUSE"
+  # pip wheel, not download: an sdist among them (sdnotify) becomes a wheel, so the target builds nothing.
+  "$PY" -m pip wheel -q --disable-pip-version-check -w "$MAKE_WHEELHOUSE" -r "$HERE/deploy/constraints.txt"
+  step "build the iot-daemons wheel"
+  "$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$MAKE_WHEELHOUSE" "$HERE"
+  say "$(ls "$MAKE_WHEELHOUSE" | wc -l) files; install with: sudo ./install.sh --wheelhouse $MAKE_WHEELHOUSE"
+}
 
-CURRENT="done"
-step "installed: $HERE/.venv/bin/iotctl, config $HERE/etc/iot/iot.toml"
+# -- the system install -------------------------------------------------------------------------
+
+OPT="$ROOT/opt/iot" ETC="$ROOT/etc/iot" STATE="$ROOT/var/lib/iot" UNITDIR="$ROOT/etc/systemd/system"
+LOGDIR="$ROOT/var/log/iot"
+live_systemd() { [ -z "$ROOT" ] && [ "$SUPERVISOR" -eq 0 ] && [ -d /run/systemd/system ]; }
+
+fingerprint() {
+  # What the venv is built from: the pinned versions and every tracked source file.
+  ( cd "$HERE" && cat deploy/constraints.txt pyproject.toml && find daemons -name '*.py' -type f | LC_ALL=C sort | xargs cat ) \
+    | sha256sum | cut -d' ' -f1
+}
+
+install_file() {  # SRC DEST MODE: never overwrite an edited DEST; keep the new default as DEST.dist
+  local src=$1 dest=$2 mode=$3
+  if [ ! -e "$dest" ]; then
+    install -D -m "$mode" "$src" "$dest"; say "installed $dest"; CHANGED=1
+  elif cmp -s "$src" "$dest"; then
+    say "unchanged $dest"
+  elif [ -e "$dest.dist" ] && cmp -s "$src" "$dest.dist"; then
+    say "kept your edited $dest (new default already in $dest.dist)"
+  else
+    install -m "$mode" "$src" "$dest.dist"; say "kept your edited $dest; the new default is in $dest.dist"
+  fi
+}
+
+build_venv() (
+  set -e
+  mkdir -p "$(dirname "$OPT")"
+  "$PY" -m venv "$OPT"
+  local pip=("$OPT/bin/python" -m pip install -q --disable-pip-version-check -c "$HERE/deploy/constraints.txt")
+  [ -n "$WHEELHOUSE" ] && pip+=(--no-index --find-links "$WHEELHOUSE")
+  "${pip[@]}" setuptools wheel
+  "${pip[@]}" --no-build-isolation "$HERE"
+  cp "$HERE/README.md" "$OPT/README.md"
+)
+
+install_system() {
+  check_python
+  if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then die "the system install needs root: sudo ./install.sh (or --local)"; fi
+
+  WAS_RUNNING=()
+  if live_systemd; then
+    for u in "${UNITS[@]}"; do [ "$u" != iot.target ] && systemctl is-active --quiet "$u" && WAS_RUNNING+=("$u"); done
+  fi
+
+  step "system user iot"
+  if [ -n "$ROOT" ]; then say "staging root: not created"
+  elif id iot >/dev/null 2>&1; then say "exists"
+  else useradd --system --user-group --home-dir /var/lib/iot --no-create-home --shell /usr/sbin/nologin iot
+       say "created"; CHANGED=1; fi
+
+  step "venv $OPT with pinned versions"
+  local fp; fp=$(fingerprint)
+  if [ -f "$OPT/.fingerprint" ] && [ "$(cat "$OPT/.fingerprint")" = "$fp" ]; then
+    say "up to date"
+  else
+    # A venv cannot move (its scripts name their interpreter by path), so it is built in place
+    # with the previous one set aside, and put back if anything fails.
+    rm -rf "$OPT.old"
+    [ -e "$OPT" ] && mv "$OPT" "$OPT.old"
+    if ! build_venv; then
+      rm -rf "$OPT"; [ -e "$OPT.old" ] && mv "$OPT.old" "$OPT"
+      die "building $OPT failed; the previous install is unchanged"
+    fi
+    echo "$fp" > "$OPT/.fingerprint"
+    rm -rf "$OPT.old"
+    say "installed $("$OPT/bin/python" -m pip list --format=freeze 2>/dev/null | grep -i '^iot-daemons==')"
+    CHANGED=1; VENV_CHANGED=1
+  fi
+
+  step "config $ETC"
+  local tmp; tmp=$(mktemp -d)
+  sed 's|^state_dir = "../../var"|state_dir = "/var/lib/iot"|' "$HERE/etc/iot/iot.toml" > "$tmp/iot.toml"
+  install_file "$tmp/iot.toml" "$ETC/iot.toml" 0644
+  rm -rf "$tmp"
+  if [ -e "$ETC/ingest.keys" ]; then say "unchanged $ETC/ingest.keys (keys are never replaced)"
+  else
+    # A fresh secret per host: the checkout's dev key must never sign production data.
+    install -d -m 0755 "$ETC"
+    ( umask 077; printf '# key-id hex-secret: one per line; the first signs, all verify (see README)\nk1 %s\n' \
+        "$("$PY" -c 'import secrets; print(secrets.token_hex(32))')" > "$ETC/ingest.keys" )
+    say "created $ETC/ingest.keys with a new random key k1 (mode 0600)"; CHANGED=1
+  fi
+  [ -z "$ROOT" ] && chown iot:iot "$ETC/ingest.keys"
+
+  step "state $STATE"
+  for d in "$STATE" "$STATE/outbox" "$STATE/transfer" "$STATE/dlq" "$STATE/db"; do
+    if [ -d "$d" ]; then continue; fi
+    install -d -m 0750 "$d"; CHANGED=1; say "created $d"
+  done
+  [ -z "$ROOT" ] && chown -R iot:iot "$STATE"
+  say "ok"
+
+  if [ "$SUPERVISOR" -eq 1 ]; then
+    step "supervisord config $ETC/supervisord.conf"
+    install_file "$HERE/deploy/supervisor/iot.conf" "$ETC/supervisord.conf" 0644
+    install -d -m 0755 "$LOGDIR" "$ROOT/run/iot"
+    say "start it with: $OPT/bin/supervisord -c /etc/iot/supervisord.conf"
+    if [ "$START" -eq 1 ] && [ -z "$ROOT" ]; then
+      step "start supervisord"
+      if [ -S /run/iot/supervisor.sock ]; then "$OPT/bin/supervisorctl" -c "$ETC/supervisord.conf" update; say "updated"
+      else "$OPT/bin/supervisord" -c "$ETC/supervisord.conf"; say "started"; fi
+    fi
+    return
+  fi
+
+  step "systemd units in $UNITDIR"
+  local units_changed=0
+  for u in "${UNITS[@]}"; do
+    if cmp -s "$HERE/deploy/systemd/$u" "$UNITDIR/$u" 2>/dev/null; then continue; fi
+    install -D -m 0644 "$HERE/deploy/systemd/$u" "$UNITDIR/$u"; say "installed $u"; units_changed=1; CHANGED=1
+  done
+  [ $units_changed -eq 1 ] || say "unchanged"
+  if live_systemd && [ $units_changed -eq 1 ]; then systemctl daemon-reload; say "daemon-reload"; fi
+
+  step "enable iot.target"
+  local sc=(systemctl); [ -n "$ROOT" ] && sc+=(--root="$ROOT")
+  if "${sc[@]}" is-enabled --quiet iot.target 2>/dev/null && \
+     "${sc[@]}" is-enabled --quiet iot-broker.service 2>/dev/null; then say "already enabled"
+  else "${sc[@]}" enable --quiet "${UNITS[@]}"; say "enabled"; CHANGED=1; fi
+
+  if live_systemd; then
+    if [ ${#WAS_RUNNING[@]} -gt 0 ] && { [ "${VENV_CHANGED:-0}" -eq 1 ] || [ $units_changed -eq 1 ]; }; then
+      step "restart what was running (upgrade)"
+      systemctl restart "${WAS_RUNNING[@]}"; say "restarted ${WAS_RUNNING[*]}"
+    fi
+    if [ "$START" -eq 1 ]; then
+      step "start iot.target"
+      if systemctl is-active --quiet iot.target; then say "already running"
+      else systemctl start iot.target; say "started"; fi
+    fi
+  fi
+}
+
+uninstall() {
+  if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then die "uninstall needs root"; fi
+  step "stop and remove units"
+  if live_systemd; then systemctl disable --now --quiet "${UNITS[@]}" 2>/dev/null || true
+  elif [ -d "$UNITDIR" ]; then systemctl --root="${ROOT:-/}" disable --quiet "${UNITS[@]}" 2>/dev/null || true; fi
+  for u in "${UNITS[@]}"; do [ -e "$UNITDIR/$u" ] && { rm -f "$UNITDIR/$u"; say "removed $u"; }; done
+  live_systemd && systemctl daemon-reload
+  step "remove $OPT"
+  rm -rf "$OPT" "$OPT.new" "$OPT.old"; say "removed"
+  if [ "$PURGE" -eq 1 ]; then
+    step "purge config, state, logs and the iot user"
+    rm -rf "$ETC" "$STATE" "$LOGDIR"
+    if [ -z "$ROOT" ] && id iot >/dev/null 2>&1; then userdel iot; fi
+    say "purged"
+  else
+    say "kept $ETC and $STATE (remove them with --uninstall --purge)"
+  fi
+}
+
+case "$MODE" in
+  local) install_local ;;
+  wheelhouse) make_wheelhouse ;;
+  uninstall) uninstall ;;
+  system)
+    install_system
+    if [ "$CHANGED" -eq 0 ]; then step "nothing changed: already installed"; else step "installed"; fi ;;
+esac
+CURRENT=done

@@ -199,7 +199,10 @@ def _raise_fd_limit(want: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = min(hard, max(soft, want + 64))
     if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            pass  # a sandbox (systemd SystemCallFilter=~@resources) sets LimitNOFILE for us instead
 
 
 async def serve(svc: Service) -> None:
