@@ -124,3 +124,51 @@ def test_will_is_published_when_the_client_dies(mosquitto):
     finally:
         child.kill()
         w.stop()
+
+
+def _make_ca(d):
+    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
+    def ssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d, timeout=60)
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+        "-extfile", "san.cnf", "-out", "server.crt")
+
+
+def test_tls_and_password_from_config(tmp_path):
+    """cafile turns TLS on and verifies the broker; username/password_file authenticate."""
+    from tests.support import Proc, free_port, port_open
+
+    _make_ca(tmp_path)
+    (tmp_path / "passwd").write_text("")
+    subprocess.run(["mosquitto_passwd", "-b", str(tmp_path / "passwd"), "dev", "s3cret"], check=True, timeout=30)
+    port = free_port()
+    conf = tmp_path / "m.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\ncafile {tmp_path / 'ca.crt'}\ncertfile {tmp_path / 'server.crt'}\n"
+                    f"keyfile {tmp_path / 'server.key'}\nallow_anonymous false\npassword_file {tmp_path / 'passwd'}\n"
+                    "persistence false\nuser root\n")  # root: the files are in pytest's private tmp
+    m = Proc(["mosquitto", "-c", str(conf)], workdir=tmp_path, name="mosq-tls").start()
+    try:
+        wait_for(lambda: port_open(port), 10, what="TLS listener")
+        (tmp_path / "pw").write_text("s3cret\n")
+        good = MqttConfig(port=port, cafile=tmp_path / "ca.crt", username="dev", password_file=tmp_path / "pw")
+        inbox: queue.Queue = queue.Queue()
+        c = MqttClient(good, "tls-ok", log=LOG, subscriptions=[("t", 1)], on_message=inbox.put)
+        c.start()
+        assert c.wait_connected(10), c.last_error
+        assert c.subscribed.wait(5)
+        c.publish("t", b"over tls", 1).wait_for_publish(5)
+        assert inbox.get(timeout=5).payload == b"over tls"
+        c.stop()
+
+        bad = MqttConfig(port=port, cafile=tmp_path / "ca.crt", username="dev", password="wrong")
+        c = MqttClient(bad, "tls-badpw", log=LOG, retry=False)
+        c.start()
+        assert not c.wait_connected(5)
+        assert "refused" in (c.last_error or "") and "authorized" in c.last_error.lower()
+        c.stop()
+    finally:
+        m.stop()
