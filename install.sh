@@ -197,11 +197,11 @@ install_system() {
   if [ "$SUPERVISOR" -eq 1 ]; then
     step "supervisord config $ETC/supervisord.conf"
     install_file "$HERE/deploy/supervisor/iot.conf" "$ETC/supervisord.conf" 0644
-    install -d -m 0755 "$LOGDIR" "$ROOT/run/iot"
+    install -d -m 0750 "$LOGDIR" "$STATE/run"
     say "start it with: $OPT/bin/supervisord -c /etc/iot/supervisord.conf"
     if [ "$START" -eq 1 ] && [ -z "$ROOT" ]; then
       step "start supervisord"
-      if [ -S /run/iot/supervisor.sock ]; then "$OPT/bin/supervisorctl" -c "$ETC/supervisord.conf" update; say "updated"
+      if [ -S "$STATE/run/supervisor.sock" ]; then "$OPT/bin/supervisorctl" -c "$ETC/supervisord.conf" update; say "updated"
       else "$OPT/bin/supervisord" -c "$ETC/supervisord.conf"; say "started"; fi
     fi
     return

@@ -159,12 +159,14 @@ class MqttClient:
             return
         self._attempt = 0
         self._set_delay()
-        self._connected.set()
-        self._settled.set()
         self.log.info("connected to broker", host=self.host, port=self.port, client_id=self.client_id,
                       session_present=int(flags.session_present))
+        # SUBSCRIBE is queued before anyone is told we are connected, so nothing a waiting
+        # thread publishes next can overtake it on the wire.
         if self._subs:
             client.subscribe(list(self._subs.items()))
+        self._connected.set()
+        self._settled.set()
         if self._on_connect_cb:
             self._on_connect_cb(flags.session_present)
 

@@ -9,7 +9,6 @@ before it returns. Nothing is reported as started unless supervisord says it run
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import subprocess
@@ -32,6 +31,8 @@ class Program:
 # Every daemon that exists. A daemon joins this list in the change that builds it.
 PROGRAMS: tuple[Program, ...] = (
     Program("iot-broker", 10),
+    Program("iot-transfer-recv", 20),
+    Program("iot-transfer-send", 20),
 )
 
 START_TIMEOUT = 30.0
@@ -106,7 +107,7 @@ def cmd_up(args: argparse.Namespace, log) -> int:
     else:
         proc.send_signal(signal.SIGTERM)
     rc = proc.wait()
-    return rc if not ok else 0
+    return 0 if ok else (rc or 69)
 
 
 def _display_host(host: str) -> str:
@@ -132,18 +133,37 @@ def _wait_running(cfg: configmod.Config, proc: subprocess.Popen, log) -> bool:
     return False
 
 
+def _systemd_states() -> list[tuple[str, str, str]]:
+    names = [p.name + ".service" for p in PROGRAMS]
+    r = subprocess.run(["systemctl", "show", "-p", "Id,ActiveState,SubState,StatusText", *names],
+                       capture_output=True, text=True, timeout=30)
+    rows = []
+    for block in r.stdout.strip().split("\n\n"):
+        f = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        if f.get("Id"):
+            rows.append((f["Id"].removesuffix(".service"), f"{f['ActiveState']}/{f['SubState']}",
+                         f.get("StatusText", "")))
+    return rows
+
+
 def cmd_status(args: argparse.Namespace, log) -> int:
+    """Every daemon's state: from this config's supervisord if it runs, else from systemd."""
     cfg = configmod.load(args.config)
     try:
         infos = rpc(cfg).supervisor.getAllProcessInfo()
+        rows = [(p["name"], p["statename"], p["description"]) for p in infos]
+        ok = all(p["statename"] == "RUNNING" for p in infos)
     except OSError:
-        print("iotctl status: supervisord is not running for this config "
-              f"(no socket at {_rundir(cfg) / 'supervisor.sock'})", file=sys.stderr)
-        return 3
-    width = max((len(p["name"]) for p in infos), default=4)
-    for p in infos:
-        print(f"{p['name']:<{width}}  {p['statename']:<9} {p['description']}")
-    return 0 if all(p["statename"] == "RUNNING" for p in infos) else 3
+        if not Path("/run/systemd/system").is_dir():
+            print("iotctl status: neither supervisord (no socket at "
+                  f"{_rundir(cfg) / 'supervisor.sock'}) nor systemd is running", file=sys.stderr)
+            return 3
+        rows = _systemd_states()
+        ok = bool(rows) and all(state == "active/running" for _, state, _ in rows)
+    width = max((len(name) for name, _, _ in rows), default=4)
+    for name, state, detail in rows:
+        print(f"{name:<{width}}  {state:<14} {detail}")
+    return 0 if ok else 3
 
 
 def add_commands(sub) -> None:

@@ -123,6 +123,10 @@ def test_install_start_and_operate_as_the_readme_says(container):
     assert c.sh("systemctl show -p User --value iot-broker").stdout.strip() == "iot"
     assert c.sh("stat -c '%a %U' /etc/iot/ingest.keys").stdout.split() == ["600", "iot"]
 
+    status = c.sh("/opt/iot/bin/iotctl status", check=False)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert all(f"{u}" in status.stdout for u in UNITS) and status.stdout.count("active/running") == len(UNITS)
+
     # journalctl -u iot-ingest shows the worker's lines
     assert "ready" in c.sh("journalctl -u iot-ingest --no-pager -o cat").stdout
 
@@ -178,3 +182,19 @@ def test_uninstall_removes_the_units_and_keeps_config_and_data(container):
         assert not active(c, u)
     assert c.sh("test -d /opt/iot", check=False).returncode != 0
     c.sh("test -f /etc/iot/iot.toml && test -f '/var/lib/iot/transfer/field data.bin'")
+
+
+def test_supervisor_install_runs_the_same_set(container):
+    """Hosts without systemd: supervisord runs the set; iotctl status reads it; files still flow."""
+    c = container
+    out = c.sh("cd /root/iot-daemons && ./install.sh --wheelhouse /wheels --supervisor --start").stdout
+    assert "started" in out
+    wait_for(lambda: c.sh("/opt/iot/bin/iotctl status", check=False).returncode == 0, 60, interval=0.5,
+             what="every program RUNNING under supervisord")
+    status = c.sh("/opt/iot/bin/iotctl status").stdout
+    assert status.count("RUNNING") == len(UNITS)
+    c.sh("head -c 100000 /dev/urandom > /root/g.bin && cp /root/g.bin /var/lib/iot/outbox/.g && "
+         "mv /var/lib/iot/outbox/.g /var/lib/iot/outbox/g.bin")
+    wait_for(lambda: c.sh("cmp /root/g.bin /var/lib/iot/transfer/g.bin", check=False).returncode == 0, 60,
+             interval=0.5, what="file through the supervisord set")
+    c.sh("/opt/iot/bin/supervisorctl -c /etc/iot/supervisord.conf shutdown")
