@@ -85,6 +85,8 @@ install_local() {
   "$HERE/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$HERE[test]"
   step "create state folders under $HERE/var"
   mkdir -p "$HERE"/var/{outbox,transfer,dlq,db,run,log}
+  # git cannot keep a file private; iot-ingest refuses a keys file others can read.
+  chmod 0600 "$HERE/etc/iot/ingest.keys"
   step "installed: $HERE/.venv/bin/iotctl, config $HERE/etc/iot/iot.toml"
 }
 

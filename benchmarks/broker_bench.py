@@ -58,7 +58,8 @@ class Broker:
         self.kind, self.port = kind, free_port()
         if kind == "iot-broker":
             cfg = workdir / "iot.toml"
-            cfg.write_text(f'[paths]\nstate_dir = "{workdir}"\n[broker]\nhost = "127.0.0.1"\nport = {self.port}\n')
+            cfg.write_text(f'[paths]\nstate_dir = "{workdir}"\n[broker]\nhost = "127.0.0.1"\nport = {self.port}\n'
+                           "max_inflight_messages = 20\nmax_queued_messages = 1000\n")
             argv = [str(Path(sys.executable).parent / "iot-broker"), "--config", str(cfg)]
         else:
             cfg = workdir / "mosquitto.conf"
@@ -394,7 +395,7 @@ def render(raw: dict[str, dict[str, float]], losses: list[str], cpu: list[str]) 
         "## Broker",
         "",
         f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/broker_bench.py --write docs/BENCHMARKS.md`.",
-        "Both brokers with default limits (max_inflight_messages 20, max_queued_messages 1000), no persistence,",
+        "Both brokers with the same limits (max_inflight_messages 20, max_queued_messages 1000), no persistence,",
         "64-byte payloads, one generator process (raw sockets, pre-encoded packets). Throughput counts messages",
         "delivered to subscribers per second; ratio = iot-broker / Mosquitto (higher is better for throughput,",
         "lower is better for RSS and latency).",

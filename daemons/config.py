@@ -89,7 +89,9 @@ class BrokerConfig:
     # Seconds a new connection may take to send CONNECT.
     connect_timeout: float = field(default=10.0, metadata=_range(0.1, 3600))
     max_inflight_messages: int = field(default=20, metadata=_range(1, 65535))
-    max_queued_messages: int = field(default=1000, metadata=_range(0, 10_000_000))
+    # Deliberately above Mosquitto's 1000: a persistent consumer (iot-ingest) that is down for a
+    # while must not lose what the broker already acknowledged to its publishers.
+    max_queued_messages: int = field(default=100_000, metadata=_range(0, 10_000_000))
     # Seconds between $SYS/broker/... updates; 0 turns them off.
     sys_interval: float = field(default=10.0, metadata=_range(0, 86400))
     allow_zero_length_clientid: bool = True
@@ -168,12 +170,12 @@ class IngestConfig:
     # A file whose first line is the password (keeps it out of this file); "" = unset.
     mysql_password_file: Path | None = None
     mysql_database: str = "iot"
-    # TLS: setting mysql_cafile turns it on (server certificate verified); cert/key add a client certificate.
+    # TLS: mysql_cafile set = required and verified; unset = only if the server offers it, unverified.
     mysql_cafile: Path | None = None
     mysql_certfile: Path | None = None
     mysql_keyfile: Path | None = None
     # Seconds for connect, and for any one read or write, before the database counts as down.
-    mysql_timeout: float = field(default=30.0, metadata=_range(1, 3600))
+    mysql_timeout: float = field(default=10.0, metadata=_range(1, 3600))
 
 
 SECTIONS: dict[str, type] = {

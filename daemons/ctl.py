@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import supervise  # noqa: PLC0415 - only `up`/`status` need it
 
     supervise.add_commands(sub)
+    from .ingest.cli import add_commands as ingest_commands  # noqa: PLC0415 - `dlq`, `stress`
+    ingest_commands(sub)
     from .transfer.cli import add_commands as transfer_commands  # noqa: PLC0415 - `send`, `transfers`
     transfer_commands(sub)
     return parser

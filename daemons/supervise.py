@@ -31,6 +31,7 @@ class Program:
 # Every daemon that exists. A daemon joins this list in the change that builds it.
 PROGRAMS: tuple[Program, ...] = (
     Program("iot-broker", 10),
+    Program("iot-ingest", 20),
     Program("iot-transfer-recv", 20),
     Program("iot-transfer-send", 20),
 )

@@ -77,3 +77,15 @@ def broker_factory(daemon, tmp_path: Path):
 @pytest.fixture
 def broker(broker_factory) -> BrokerProc:
     return broker_factory()
+
+
+@pytest.fixture
+def mariadb(tmp_path: Path):
+    """A private MariaDB server (Debian's mariadbd) in this test's temp folder, on its own socket
+    and free port, with database `iot` and user `iot` (password auth). Stopped at the end."""
+    from .mariadb import MariaDB
+
+    (tmp_path / "mariadb").mkdir()
+    m = MariaDB(tmp_path / "mariadb").start()
+    yield m
+    m.stop()

@@ -74,7 +74,7 @@ class Stats:
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_inflight: int = 20
-    max_queued: int = 1000
+    max_queued: int = 100_000
     allow_zero_length_clientid: bool = True
 
 

@@ -1,0 +1,326 @@
+"""`iotctl dlq list|show|replay|purge` and `iotctl stress` (seed 004's stress tester).
+
+Exit codes: 0 done; 1 not everything landed (replay) or not every message acknowledged
+(stress); 64 bad usage; 69 database or broker unavailable; 78 bad config or keys file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import multiprocessing
+import os
+import select
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import orjson
+
+from .. import config as configmod
+from ..config import MqttConfig
+from ..mqttclient import MqttClient
+from ..service import Log
+from . import dlq as dlqmod
+from . import fastpaho
+from .signing import KeysError, Rejected, Signer, Verifier, encode_body, load_keys
+from .sinks import SchemaTooNew, Unavailable, open_sink
+from .worker import GC_THRESHOLD, dlq_path, keys_path, to_row
+
+EX_FAIL = 1
+EX_UNAVAILABLE = 69
+EX_CONFIG = configmod.EX_CONFIG
+REPLAY_BATCH = 1000
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+
+
+def _select(entries: list[dlqmod.Entry], args: argparse.Namespace) -> list[dlqmod.Entry]:
+    ids = set(getattr(args, "ids", None) or ())
+    out = [e for e in entries if (not ids or e.id in ids) and (not args.reason or e.reason == args.reason)]
+    missing = ids - {e.id for e in out}
+    for i in sorted(missing):
+        print(f"iotctl dlq: no pending entry {i}", file=sys.stderr)
+    return out
+
+
+def _scan(cfg: configmod.Config) -> dlqmod.Scan:
+    scan = dlqmod.read_all(dlq_path(cfg))
+    if scan.corrupt:
+        print(f"iotctl dlq: {scan.corrupt} unreadable line(s) skipped", file=sys.stderr)
+    return scan
+
+
+def cmd_list(args: argparse.Namespace, log: Log) -> int:
+    cfg = configmod.load(args.config)
+    entries = _select(_scan(cfg).entries, args)
+    if args.json:
+        for e in entries:
+            sys.stdout.buffer.write(e.to_json() + b"\n")
+        return 0
+    for e in entries:
+        detail = e.detail if len(e.detail) <= 60 else e.detail[:57] + "..."
+        print(f"{e.id}  {_iso(e.time)}  {e.reason:<13} {e.topic}  {len(e.payload)}B  {detail}")
+    print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} in {dlq_path(cfg)}", file=sys.stderr)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, log: Log) -> int:
+    cfg = configmod.load(args.config)
+    entries = _select(_scan(cfg).entries, args)
+    for e in entries:
+        doc = orjson.loads(e.to_json())
+        doc["time_iso"] = _iso(e.time)
+        sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    return 0 if len(entries) == len(set(args.ids)) else EX_FAIL
+
+
+def cmd_replay(args: argparse.Namespace, log: Log) -> int:
+    cfg = configmod.load(args.config)
+    try:
+        verifier = Verifier(load_keys(keys_path(cfg)), cfg.ingest.max_payload)
+    except KeysError as e:
+        print(f"iotctl dlq replay: {e}", file=sys.stderr)
+        return EX_CONFIG
+    folder = dlq_path(cfg)
+    sink = open_sink(cfg)
+    landed = still = 0
+    reasons: dict[str, int] = {}
+    with dlqmod.Remover(folder) as rm:
+        # Read under the lock: a concurrent replay cannot land and remove the same entries twice
+        # (it would be harmless, but the counts would lie).
+        entries = _select(_scan(cfg).entries, args)
+        for start in range(0, len(entries), REPLAY_BATCH):
+            chunk = entries[start:start + REPLAY_BATCH]
+            rows, ids = [], []
+            for e in chunk:
+                try:
+                    rows.append(to_row(verifier, e.topic, e.payload))
+                    ids.append(e.id)
+                except Rejected as r:
+                    still += 1
+                    reasons[r.reason.value] = reasons.get(r.reason.value, 0) + 1
+            try:
+                refused = sink.write(rows)
+            except Unavailable as u:
+                print(f"iotctl dlq replay: database unavailable: {u}", file=sys.stderr)
+                sink.close()
+                return EX_UNAVAILABLE
+            except SchemaTooNew as u:
+                print(f"iotctl dlq replay: {u}", file=sys.stderr)
+                return EX_CONFIG
+            bad = {j for j, _ in refused}
+            for j, err in refused:
+                still += 1
+                reasons["db-refused"] = reasons.get("db-refused", 0) + 1
+            # Committed above; only now are they removed: a crash in between replays them again
+            # next time, which the upsert makes harmless.
+            landed += rm.remove(i for j, i in enumerate(ids) if j not in bad)
+    sink.close()
+    extra = "".join(f", {n} {r}" for r, n in sorted(reasons.items()))
+    print(f"replayed {len(entries)}: {landed} landed and removed, {still} still rejected{extra}")
+    return 0 if still == 0 else EX_FAIL
+
+
+def cmd_purge(args: argparse.Namespace, log: Log) -> int:
+    if not (args.ids or args.reason or args.all):
+        print("iotctl dlq purge: name entries, or give --reason or --all", file=sys.stderr)
+        return 64
+    cfg = configmod.load(args.config)
+    with dlqmod.Remover(dlq_path(cfg)) as rm:
+        entries = _select(_scan(cfg).entries, args)
+        n = rm.remove(e.id for e in entries)
+    print(f"purged {n}")
+    return 0
+
+
+# -- stress ----------------------------------------------------------------------------------------
+
+
+def _stress_child(i: int, count: int, args: argparse.Namespace, mqtt: MqttConfig, signer_key: tuple[str, bytes],
+                  run: str, barrier, results) -> None:
+    """One publishing process: its own connection, its own window of unacknowledged messages.
+
+    paho is driven from this one thread (no loop_start): no thread hand-off per message, each
+    burst of publishes goes out in one send(), PUBACKs are read in bulk (fastpaho)."""
+    sent = acked = 0
+    first = last = 0.0
+    err = ""
+    gc.set_threshold(GC_THRESHOLD, 50, 100)  # a window of in-flight messages, no cycles (see worker.py)
+    try:
+        signer = Signer(*signer_key)
+        c = MqttClient(mqtt, f"{mqtt.client_id_prefix}-stress-{run}-{i}"[:64], log=Log("stress"), retry=False,
+                       host=args.host, port=args.port, max_inflight=0)
+        tuned = fastpaho.tune_publisher(c.paho)
+        p = c.paho
+        counter = [0]
+
+        def on_publish(client, userdata, mid, rc, props):
+            counter[0] += 1
+
+        def write() -> None:
+            if p.loop_write() != 0:
+                raise RuntimeError("connection lost")
+            sock = p.socket()
+            if tuned and sock is not None:
+                sock.flush()
+
+        def read(timeout: float) -> None:
+            sock = p.socket()
+            if tuned and sock.pending():
+                timeout = 0.0  # bytes already buffered: select() would not see them
+            r, _, _ = select.select([sock], [], [], timeout)
+            if (r or timeout == 0.0) and p.loop_read() != 0:
+                raise RuntimeError("connection lost")
+
+        p.on_publish = on_publish
+        p.connect(c.host, c.port, mqtt.keepalive)
+        deadline = time.monotonic() + args.timeout
+        while not c.connected:  # no p.loop(): it would add the thread wake-up pipe to every publish
+            write()
+            read(0.1)
+            if time.monotonic() > deadline:
+                raise RuntimeError(c.last_error or f"no connection to {c.host}:{c.port}")
+        barrier.wait(args.timeout)
+        topic, window, sign, publish = args.topic, args.window, signer.sign, p.publish
+        now = time.time
+        first = now()
+        deadline = time.monotonic() + args.timeout
+        while counter[0] < count:
+            acked = counter[0]
+            while sent < count and sent - acked < window:
+                body = encode_body(f"{run}-{i}-{sent}", f"stress-{i}-{sent % 16}", now(),
+                                   {"temp": 20.0 + (sent % 100) / 10, "seq": sent})
+                publish(topic, sign(body), 1)
+                sent += 1
+            write()  # the burst, in one send()
+            read(1.0)
+            p.loop_misc()
+            if not c.connected or time.monotonic() > deadline:
+                raise RuntimeError("connection lost" if not c.connected else f"not all acked in {args.timeout:g}s")
+        last = now()
+        acked = counter[0]
+        p.disconnect()
+        write()
+    except Exception as e:  # noqa: BLE001 - reported by the parent with the counts so far
+        err = str(e) or type(e).__name__
+        try:
+            barrier.abort()
+        except Exception:  # noqa: BLE001
+            pass
+    results.put((i, sent, acked, first, last, err))
+
+
+def cmd_stress(args: argparse.Namespace, log: Log) -> int:
+    cfg = configmod.load(args.config)
+    if args.messages < 1 or args.processes < 1 or args.window < 1:
+        print("iotctl stress: --messages, --processes and --window must be positive", file=sys.stderr)
+        return 64
+    try:
+        keys = load_keys(Path(args.keys) if args.keys else keys_path(cfg))
+    except KeysError as e:
+        print(f"iotctl stress: {e}", file=sys.stderr)
+        return EX_CONFIG
+    kid = args.key_id or next(iter(keys))
+    if kid not in keys:
+        print(f"iotctl stress: key id {kid!r} is not in the keys file", file=sys.stderr)
+        return EX_CONFIG
+    run = args.run_id or os.urandom(4).hex()
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(args.processes)
+    results = ctx.Queue()
+    per, extra = divmod(args.messages, args.processes)
+    procs = []
+    for i in range(args.processes):
+        n = per + (1 if i < extra else 0)
+        pr = ctx.Process(target=_stress_child, args=(i, n, args, cfg.mqtt, (kid, keys[kid]), run, barrier, results))
+        pr.start()
+        procs.append(pr)
+    got = []
+    deadline = time.monotonic() + args.timeout + 30
+    while len(got) < len(procs) and time.monotonic() < deadline:
+        try:
+            got.append(results.get(timeout=1.0))
+        except Exception:  # noqa: BLE001 - queue.Empty: check that children still live
+            if not any(p.is_alive() for p in procs) and results.empty():
+                break
+    for pr in procs:
+        pr.join(5)
+        if pr.is_alive():
+            pr.kill()
+    sent = sum(g[1] for g in got)
+    acked = sum(g[2] for g in got)
+    errors = [f"process {g[0]}: {g[5]}" for g in got if g[5]]
+    if len(got) < len(procs):
+        errors.append(f"{len(procs) - len(got)} process(es) reported nothing")
+    firsts = [g[3] for g in got if g[3]]
+    lasts = [g[4] for g in got if g[4]]
+    first = min(firsts) if firsts else 0.0
+    last = max(lasts) if lasts and not errors else time.time()
+    secs = max(last - first, 1e-9) if first else 0.0
+    rate = acked / secs if secs else 0.0
+    if args.json:
+        print(orjson.dumps({"messages": args.messages, "processes": args.processes, "topic": args.topic,
+                            "run": run, "sent": sent, "acked": acked, "seconds": round(secs, 3),
+                            "rate": round(rate, 1), "first_publish": first, "last_puback": last,
+                            "errors": errors}).decode())
+    else:
+        print(f"stress: {args.messages:,} messages from {args.processes} processes to {args.topic} (run {run})")
+        print(f"sent {sent:,}  acked {acked:,}  in {secs:.2f}s  {rate:,.0f} msgs/s")
+        for e in errors:
+            print(f"iotctl stress: {e}", file=sys.stderr)
+    if errors and acked == 0 and all("connect" in e.lower() or "barrier" in e.lower() for e in errors):
+        return EX_UNAVAILABLE
+    return 0 if acked == args.messages and not errors else EX_FAIL
+
+
+def add_commands(sub) -> None:
+    d = sub.add_parser("dlq", help="inspect, replay or purge the ingest dead-letter queue",
+                       description="The ingest worker's dead-letter queue (<state_dir>/dlq or [ingest] dlq_dir).")
+    dsub = d.add_subparsers(dest="dlq_command", metavar="ACTION", required=True, parser_class=type(d))
+
+    def common(p: argparse.ArgumentParser, ids: bool, reason: bool = True) -> None:
+        p.add_argument("--config", metavar="FILE")
+        if ids:
+            p.add_argument("ids", nargs="*", metavar="ID", help="entry ids (from list)")
+        if reason:
+            p.add_argument("--reason", help="only entries with this reason (bad-signature, unknown-key, ...)")
+
+    p = dsub.add_parser("list", help="one line per pending entry")
+    common(p, ids=False)
+    p.add_argument("--json", action="store_true", help="the entries as JSON lines")
+    p.set_defaults(func=cmd_list, ids=None)
+    p = dsub.add_parser("show", help="entries in full, payload included")
+    p.add_argument("--config", metavar="FILE")
+    p.add_argument("ids", nargs="+", metavar="ID", help="entry ids (from list)")
+    p.set_defaults(func=cmd_show, reason=None)
+    p = dsub.add_parser("replay", help="feed entries back through validation into the database",
+                        description="Validate the selected entries (all by default) again and upsert those that "
+                                    "pass; only entries that landed are removed. Idempotent.")
+    common(p, ids=True)
+    p.set_defaults(func=cmd_replay)
+    p = dsub.add_parser("purge", help="delete entries for good")
+    common(p, ids=True)
+    p.add_argument("--all", action="store_true", help="every pending entry")
+    p.set_defaults(func=cmd_purge)
+
+    s = sub.add_parser("stress", add_help=False, help="publish signed QoS 1 readings as fast as acknowledged",
+                       description="Seed 004's stress tester: P processes sign and publish N messages in total at "
+                                   "QoS 1, each keeping --window unacknowledged, and wait for every PUBACK.")
+    s.add_argument("--help", action="help", help="show this help and exit")
+    s.add_argument("--messages", type=int, default=100_000, help="total messages (default 100000)")
+    s.add_argument("--processes", type=int, default=4, help="publishing processes (default 4)")
+    s.add_argument("--topic", default="sensors/live/stress_test", help="topic (default sensors/live/stress_test)")
+    s.add_argument("--window", type=int, default=1000, help="unacknowledged messages per process (default 1000)")
+    s.add_argument("--key-id", help="key to sign with (default: the first in the keys file)")
+    s.add_argument("--keys", help="keys file (default: the one iot-ingest reads)")
+    s.add_argument("--run-id", help="message id prefix (default: random)")
+    s.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    s.add_argument("-h", "--host", help="broker host (default from [mqtt])")
+    s.add_argument("-p", "--port", type=int, help="broker port (default from [mqtt])")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up (default 600)")
+    s.add_argument("--config", metavar="FILE")
+    s.set_defaults(func=cmd_stress)
