@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import select
 import selectors
 import shutil
@@ -32,25 +31,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import cpu_seconds, free_port, machine, rss_kib, write_section  # noqa: E402
 from daemons.broker.packets import Connect, Subscribe, encode, encode_publish  # noqa: E402
 
 PAYLOAD = b"x" * 64
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-# -- brokers -----------------------------------------------------------------------------------
 
 
 class Broker:
@@ -304,9 +292,6 @@ def latency(port: int, rate: int, seconds: float) -> tuple[float, float]:
     return statistics.median(lat), lat[int(len(lat) * 0.99) - 1]
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def self_cpu() -> float:
@@ -375,19 +360,10 @@ def main() -> int:
     table = render(raw, losses, cpu)
     print(table)
     if args.write:
-        write_section(Path(args.write), table)
+        write_section(Path(args.write), "Broker", table)
     return 0
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()[0:1]
-    return (f"{os.cpu_count()} cores, {cpu}; Python {platform.python_version()}; "
-            f"{mosq[0] if mosq else 'mosquitto'}; {time.strftime('%Y-%m-%d')}")
 
 
 def render(raw: dict[str, dict[str, float]], losses: list[str], cpu: list[str]) -> str:
@@ -433,15 +409,6 @@ def render(raw: dict[str, dict[str, float]], losses: list[str], cpu: list[str]) 
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find("## Broker")
-    if start == -1:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import cpu_seconds  # noqa: E402
 from tests.mariadb import MariaDB  # noqa: E402
 from tests.support import free_port, port_open, wait_for  # noqa: E402
 
@@ -39,12 +40,6 @@ BIN = Path(sys.executable).parent
 TOPIC = "sensors/live/stress_test"
 
 
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Run:

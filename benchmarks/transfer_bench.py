@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,14 +23,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import free_port, machine, port_open, write_section  # noqa: E402
+
 BIN = Path(sys.executable).parent
 MiB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_stat(pid: int) -> tuple[int, float]:
@@ -56,12 +52,6 @@ def wait(pred, timeout: float, what: str):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 class Run:
@@ -139,18 +129,6 @@ def label(size: int) -> str:
     return f"{size // (1024 * MiB)} GiB" if size % (1024 * MiB) == 0 else f"{size // MiB} MiB"
 
 
-def machine() -> str:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mosq = subprocess.run([shutil.which("mosquitto") or "mosquitto", "-h"], capture_output=True, text=True).stdout
-    return (f"{os.cpu_count()} cores, {cpu or platform.machine()}; Python {platform.python_version()}; "
-            f"{mosq.splitlines()[0] if mosq else 'mosquitto ?'}; {time.strftime('%Y-%m-%d')}")
 
 
 def main() -> int:
@@ -193,7 +171,7 @@ def main() -> int:
     print()
     print(section)
     if args.write:
-        write_section(Path(args.write), section)
+        write_section(Path(args.write), "File transfer", section)
     return 0
 
 
@@ -225,15 +203,6 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find("## File transfer")
-    if start == -1:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + ("\n" + text[end + 1:] if end != -1 else "")
-    path.write_text(text)
 
 
 if __name__ == "__main__":
