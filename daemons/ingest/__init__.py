@@ -5,5 +5,5 @@ sinks.py    storage: one interface, SQLite and MySQL/MariaDB backends, versioned
 dlq.py      the dead-letter queue: append-only JSONL segments
 worker.py   the daemon (iot-ingest)
 cli.py      iotctl dlq ... and iotctl stress
-fastpaho.py paho-mqtt read buffering and batched PUBACKs for the hot path
+(paho tuning for the hot path lives in daemons/mqtttune.py, used through mqttclient)
 """

@@ -23,7 +23,7 @@ from ..config import MqttConfig
 from ..mqttclient import MqttClient
 from ..service import Log
 from . import dlq as dlqmod
-from . import fastpaho
+from .. import mqtttune
 from .signing import KeysError, Rejected, Signer, Verifier, encode_body, load_keys
 from .sinks import SchemaTooNew, Unavailable, open_sink
 from .worker import GC_THRESHOLD, dlq_path, keys_path, to_row
@@ -145,7 +145,7 @@ def _stress_child(i: int, count: int, args: argparse.Namespace, mqtt: MqttConfig
     """One publishing process: its own connection, its own window of unacknowledged messages.
 
     paho is driven from this one thread (no loop_start): no thread hand-off per message, each
-    burst of publishes goes out in one send(), PUBACKs are read in bulk (fastpaho)."""
+    burst of publishes goes out in one send(), PUBACKs are read in bulk (mqtttune)."""
     sent = acked = 0
     first = last = 0.0
     err = ""
@@ -154,7 +154,7 @@ def _stress_child(i: int, count: int, args: argparse.Namespace, mqtt: MqttConfig
         signer = Signer(*signer_key)
         c = MqttClient(mqtt, f"{mqtt.client_id_prefix}-stress-{run}-{i}"[:64], log=Log("stress"), retry=False,
                        host=args.host, port=args.port, max_inflight=0)
-        tuned = fastpaho.tune_publisher(c.paho)
+        tuned = mqtttune.tune_publisher(c.paho)
         p = c.paho
         counter = [0]
 

@@ -49,7 +49,6 @@ from ..config import Config, ConfigError
 from ..mqttclient import MqttClient, backoff
 from ..service import Exit, Service
 from . import dlq as dlqmod
-from . import fastpaho
 from .signing import KeysError, Reason, Rejected, Verifier, load_keys
 from .sinks import MAX_TOPIC, Row, SchemaTooNew, Sink, Unavailable, open_sink
 
@@ -106,7 +105,6 @@ class Ingest:
         self._space = threading.Condition()
         self._limit = max(1, self.cfg.max_unacked - self.cfg.batch_size)
         self.client: MqttClient | None = None
-        self._fast_ack = False
 
     # paho's thread -----------------------------------------------------------------------------
 
@@ -126,10 +124,9 @@ class Ingest:
             while len(self.inbox) >= self._limit and not self.svc.stopping:
                 self._space.wait(0.5)
 
-    def _on_disconnect(self, *args) -> None:
+    def _on_disconnect(self) -> None:
         with self._ack_lock:
             self._epoch += 1
-        self._paho_on_disconnect(*args)
 
     def _on_connect(self, session_present: bool) -> None:
         with self._ack_lock:
@@ -145,12 +142,9 @@ class Ingest:
         self.client = c = MqttClient(
             cfg.mqtt, f"{cfg.mqtt.client_id_prefix}-ingest", log=self.log, clean_session=False,
             manual_ack=True, subscriptions=[(t, 1) for t in self.cfg.topics], on_message=self._on_message,
-            on_connect=self._on_connect,
+            on_connect=self._on_connect, on_disconnect=self._on_disconnect, tune_receiver=True,
         )
-        self._paho_on_disconnect = c.paho.on_disconnect
-        c.paho.on_disconnect = self._on_disconnect
-        self._fast_ack = fastpaho.tune_receiver(c.paho)
-        if not self._fast_ack:
+        if not c.tuned:
             self.log.warning("paho internals differ from the tested version: running without read "
                              "buffering and batched acks (correct, slower)")
         c.start()
@@ -269,11 +263,7 @@ class Ingest:
             mids = [m.mid for e, m in batch if e == epoch]
             if not mids:
                 return
-            if self._fast_ack:
-                fastpaho.ack_many(c.paho, mids)
-            else:
-                for mid in mids:
-                    c.ack(mid, 1)
+            c.ack_many(mids)
 
     def _log_rejects(self, bad: list) -> None:
         # One line per reason per batch: a flood of bad messages cannot flood the journal.

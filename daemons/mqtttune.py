@@ -1,4 +1,5 @@
-"""paho-mqtt on the ingest hot path: read buffering and batched PUBACKs.
+"""paho-mqtt for high message rates: read buffering and batched PUBACKs. Used through
+`mqttclient.MqttClient(tune_receiver=True)` / `.ack_many()`, and by `iotctl stress`.
 
 Why: profiled at 20,000 msg/s (docs/BENCHMARKS.md, "Ingest"), stock paho 2.x spends about
 40 us of CPU per received QoS 1 message, most of it in system calls: it reads every packet
@@ -16,7 +17,7 @@ bytes go out in the same order, and nothing is acknowledged earlier than before.
 
 These touch paho internals (`_create_socket`, `_packet_read`, `_loop_rc_handle`,
 `_packet_queue`); `tune_receiver` checks they exist and returns False, leaving the client
-stock, when a paho release has changed them. They belong in daemons/mqttclient.py in time.
+stock, when a paho release has changed them (deploy/constraints.txt pins the tested one).
 """
 
 from __future__ import annotations
