@@ -42,6 +42,8 @@ from pathlib import Path
 
 import orjson
 
+from ..durable import fsync_dir
+
 SUFFIX = ".jsonl"
 REMOVED = "removed.log"
 LOCK = "dlq.lock"
@@ -79,14 +81,6 @@ class Entry:
                    str(d["topic"]), payload, d.get("msg_id"))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Writer:
     """The worker's appender. Not thread-safe: one thread writes."""
 
@@ -109,7 +103,7 @@ class Writer:
         fd = os.open(self.folder / f"{stem}{SUFFIX}", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         # Held while we write: tools never rewrite a segment that is being appended to.
         fcntl.flock(fd, fcntl.LOCK_EX)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         self.fd, self.name, self.size, self.seq = fd, stem, 0, 0
 
     def append(self, items: Iterable[tuple[str, str, str, bytes, str | None]]) -> list[Entry]:
@@ -274,7 +268,7 @@ class Remover:
                         f.flush()
                         os.fsync(f.fileno())
                     os.replace(tmp, seg)
-                _fsync_dir(self.folder)
+                fsync_dir(self.folder)
             finally:
                 os.close(fd)
         self._rewrite_removed(still_hidden)
@@ -283,7 +277,7 @@ class Remover:
         path = self.folder / REMOVED
         if not ids:
             path.unlink(missing_ok=True)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
             return
         tmp = self.folder / (".removed.tmp")
         with open(tmp, "wb") as f:
@@ -291,4 +285,4 @@ class Remover:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)

@@ -11,7 +11,7 @@ Two shapes, both append-only between compactions:
   index on disk always means its bytes are on disk too; a torn tail (not a multiple of 4)
   is ignored.
 
-`atomic_write` is the other durable write: temp file, fsync, rename, fsync the folder.
+The other durable write, replacing a whole file, is `durable.atomic_write`.
 """
 
 from __future__ import annotations
@@ -23,27 +23,7 @@ from pathlib import Path
 
 import orjson
 
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
-    """Replace `path` with `data` all at once. `durable=False` for snapshots that only
-    inform (a status file): still never torn, but not fsynced."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if durable:
-        fsync_dir(path.parent)
+from ..durable import atomic_write, fsync_dir
 
 
 class Journal:

@@ -48,7 +48,8 @@ from .. import service
 from ..config import TransferConfig
 from ..mqttclient import MqttClient
 from . import protocol as P
-from .journal import IndexLog, Journal, atomic_write, fsync_dir, name_candidates
+from ..durable import atomic_write, fsync_dir
+from .journal import IndexLog, Journal, name_candidates
 from .spool import Partial, link_into, safe_name
 
 STATUS_EVERY = 8  # chunks written between two progress statuses, at most

@@ -41,7 +41,8 @@ from ..config import TransferConfig
 from ..mqttclient import MqttClient
 from . import protocol as P
 from .engine import Engine, Outgoing
-from .journal import Journal, atomic_write, unique_path
+from ..durable import atomic_write
+from .journal import Journal, unique_path
 
 IGNORED_SUFFIXES = (".part", ".tmp", ".partial", "~", ".swp")
 KEEP_FINISHED = 500

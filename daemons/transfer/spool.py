@@ -16,7 +16,8 @@ import unicodedata
 from pathlib import Path
 
 from . import protocol as P
-from .journal import IndexLog, atomic_write
+from ..durable import atomic_write
+from .journal import IndexLog
 
 MAX_NAME_BYTES = 200
 
