@@ -110,11 +110,15 @@ class Run:
         run_id = f"{self.broker[:2]}{self.mode[:1]}{os.getpid() % 1000}"
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         db_cpu0 = cpu_seconds(self.db.proc.pid)
+        if a.generator == "stress":
+            gen = [str(BIN / "iotctl"), "stress", "--config", str(self.config)]
+        else:  # same messages, raw sockets: see benchmarks/ingest_load.py
+            gen = [sys.executable, str(ROOT / "benchmarks/ingest_load.py"), "--port", str(self.port),
+                   "--keys", str(self.dir / "ingest.keys")]
         load = subprocess.Popen(
             ([ "nice", "-n", str(a.nice_load)] if a.nice_load else [])
-            + [str(BIN / "iotctl"), "stress", "--config", str(self.config), "--messages", str(a.messages),
-               "--processes", str(a.processes), "--topic", TOPIC, "--run-id", run_id, "--json",
-               "--window", str(a.window), "--timeout", "1800"],
+            + gen + ["--messages", str(a.messages), "--processes", str(a.processes), "--topic", TOPIC,
+                     "--run-id", run_id, "--json", "--window", str(a.window), "--timeout", "1800"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         killed_at = restarted_at = None
         cpu_worker = 0.0
@@ -193,6 +197,9 @@ def main() -> int:
     ap.add_argument("--flush-log", type=int, default=1, choices=(0, 1, 2),
                     help="innodb_flush_log_at_trx_commit (default 1: durable)")
     ap.add_argument("--nice-load", type=int, default=0, help="run the load generator at this nice level")
+    ap.add_argument("--generator", choices=("stress", "raw"), default="stress",
+                    help="load: `iotctl stress` (the seed's tool, paho) or benchmarks/ingest_load.py "
+                         "(the same messages over raw sockets, lighter on the shared cores)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
 
