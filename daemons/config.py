@@ -280,7 +280,8 @@ def _convert(f: dataclasses.Field, value: Any, key: str, path: Path | None, base
                     return None
                 raise ConfigError(path, key, "expected a path, got an empty string")
             p = Path(value).expanduser()
-            return p if p.is_absolute() else base / p
+            # normpath, not resolve(): tidy "etc/iot/../../var" without following symlinks.
+            return p if p.is_absolute() else Path(os.path.normpath(base / p))
         return value
     if kind == "tuple[str, ...]":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
