@@ -9,9 +9,9 @@ with jitter and hand it to paho with `reconnect_delay_set(d, d)`.
 Subscriptions are remembered and sent again on every successful CONNACK, so a broker that
 lost our session (restart without persistence, or a clean session) still delivers to us.
 
-Callbacks run in paho's thread. Daemons that need their own thread (most of them) hand the
-message on through a queue; with `manual_ack=True` paho does not acknowledge a QoS 1/2
-message until the daemon calls `ack()`, which is how "ack only after it is durable" is kept.
+Callbacks run in paho's thread. A daemon that acknowledges only once a message is durable
+(`manual_ack=True`) takes its messages from `client.inbox` and acknowledges them with
+`client.ack(deliveries)`: that is the one manual-ack path of the project (see `Inbox`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from __future__ import annotations
 import random
 import ssl
 import threading
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import paho.mqtt.client as paho
+from paho.mqtt import __version__ as paho_version  # noqa: F401 - daemons log the paho they run
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from . import mqtttune
@@ -40,6 +42,96 @@ class Will:
 
 class MqttError(Exception):
     pass
+
+
+# (epoch, message): a message as the inbox hands it out, with the connection it came on.
+Delivery = tuple[int, paho.MQTTMessage]
+
+
+class Inbox:
+    """The one manual-ack path: paho's thread -> Inbox -> the daemon's thread, which makes each
+    message durable and then acknowledges it with `MqttClient.ack()`.
+
+    Invariants kept here, so that no daemon has to:
+
+    * A QoS 0 message is never acknowledged: it has no packet id, and a PUBACK for id 0 makes
+      the broker close the connection (MQTT-2.3.1-1), after which a retained message would
+      come back on the next SUBSCRIBE, forever.
+    * Packet ids name a message only on the connection that carried it. `epoch` moves on at
+      every disconnect and connect (under `lock`, in paho's thread, before paho reconnects and
+      discards its unsent packets), and `ack()` skips deliveries of an older epoch: the broker
+      sends those again, and they are acknowledged then. Without this a late ack could free a
+      reused packet id of a message that is not yet durable.
+    * Bounded: past `limit` waiting messages `put()` blocks paho's thread, so it stops reading
+      from the broker and TCP pushes back; nothing is dropped. `close()` ends such a wait.
+    """
+
+    def __init__(self, limit: int = 10_000):
+        self.limit = max(1, limit)
+        self.epoch = 0
+        self.lock = threading.Lock()
+        self._items: deque[Delivery] = deque()
+        self._wake = threading.Event()
+        self._sleeping = False  # the taker waits on _wake; put() sets it only then (cheaper)
+        self._woken = False
+        self._space = threading.Condition()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    # paho's thread
+
+    def put(self, msg: paho.MQTTMessage) -> None:
+        items = self._items
+        if len(items) >= self.limit:
+            with self._space:
+                while len(items) >= self.limit and not self._closed:
+                    self._space.wait(0.5)
+        items.append((self.epoch, msg))
+        if self._sleeping:
+            self._sleeping = False
+            self._wake.set()
+
+    def next_epoch(self) -> None:
+        with self.lock:
+            self.epoch += 1
+
+    # any thread
+
+    def wake(self) -> None:
+        """End the taker's current or next `wait()` (a daemon's other event sources call this)."""
+        self._woken = True
+        self._wake.set()
+
+    def close(self) -> None:
+        """Unblock a `put()` waiting for room: the client is stopping."""
+        self._closed = True
+        with self._space:
+            self._space.notify_all()
+
+    # the daemon's thread
+
+    def wait(self, timeout: float) -> bool:
+        """Until a message waits, `wake()` is called, or `timeout` s pass; True if one waits."""
+        if not self._items and not self._woken:
+            self._wake.clear()
+            self._sleeping = True
+            if not self._items and not self._woken:
+                self._wake.wait(timeout)
+            self._sleeping = False
+        self._woken = False
+        return bool(self._items)
+
+    def take(self, n: int) -> list[Delivery]:
+        """Up to `n` waiting deliveries, oldest first."""
+        items = self._items
+        pop = items.popleft
+        got = [pop() for _ in range(min(n, len(items)))]
+        if got and len(items) < self.limit:
+            with self._space:
+                self._space.notify_all()
+        return got
 
 
 def backoff(attempt: int, lo: float, hi: float) -> float:
@@ -67,6 +159,7 @@ class MqttClient:
         port: int | None = None,
         max_inflight: int = 20,
         tune_receiver: bool = False,
+        inbox_limit: int = 10_000,
     ):
         self.cfg, self.log, self.retry = cfg, log, retry
         self.host = host or cfg.host
@@ -82,6 +175,8 @@ class MqttClient:
         # Set when the broker has granted the subscriptions sent at the latest connect.
         self.subscribed = threading.Event()
         self.last_error: str | None = None
+        # manual_ack: messages go to the inbox (not to on_message) and are acknowledged by ack().
+        self.inbox: Inbox | None = Inbox(inbox_limit) if manual_ack else None
 
         c = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -136,6 +231,8 @@ class MqttClient:
     def stop(self) -> None:
         """Disconnect cleanly (the broker does not publish our will) and end the thread."""
         self._stopping = True
+        if self.inbox is not None:
+            self.inbox.close()  # paho's thread may wait for room in it; loop_stop() joins that thread
         self.paho.disconnect()
         self.paho.loop_stop()
         self._connected.clear()
@@ -150,11 +247,32 @@ class MqttClient:
         if self.connected:
             self.paho.subscribe(topic, qos)
 
-    def ack(self, mid: int, qos: int) -> None:
-        self.paho.ack(mid, qos)
+    def ack(self, deliveries: Iterable[Delivery]) -> int:
+        """Acknowledge these deliveries from `inbox`, in order, once what they carry is durable.
+        QoS 0 and deliveries of an older connection are skipped (see `Inbox`). Returns how many
+        acknowledgements were queued; the QoS 1 ones of one call go out as one write when tuned."""
+        inbox = self.inbox
+        assert inbox is not None, "ack() needs manual_ack=True"
+        sent = 0
+        with inbox.lock:
+            epoch = inbox.epoch
+            run: list[int] = []  # consecutive QoS 1 packet ids, sent together
+            for e, m in deliveries:
+                if e != epoch or m.qos == 0:
+                    continue
+                if m.qos == 1:
+                    run.append(m.mid)
+                    continue
+                self._puback(run)
+                run = []
+                self.paho.ack(m.mid, 2)  # PUBCOMP: paho delivered it on PUBREL
+                sent += 1
+            self._puback(run)
+            return sent + len(run)
 
-    def ack_many(self, mids: Sequence[int]) -> None:
-        """Acknowledge QoS 1 messages, in this order; one write when tuned."""
+    def _puback(self, mids: list[int]) -> None:
+        if not mids:
+            return
         if self.tuned:
             mqtttune.ack_many(self.paho, mids)
         else:
@@ -168,6 +286,8 @@ class MqttClient:
         self.paho.reconnect_delay_set(self.delay, self.delay)
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.inbox is not None:
+            self.inbox.next_epoch()
         if reason_code.is_failure:
             self.last_error = f"connection refused by {self.host}:{self.port}: {reason_code}"
             self._give_up_or_back_off(self.last_error)
@@ -186,8 +306,10 @@ class MqttClient:
             self._on_connect_cb(flags.session_present)
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if self._on_disconnect_cb is not None:
+        if self.inbox is not None:
             # Runs before paho reconnects: packet ids of this connection are void from here on.
+            self.inbox.next_epoch()
+        if self._on_disconnect_cb is not None:
             self._on_disconnect_cb()
         was = self._connected.is_set()
         self._connected.clear()
@@ -218,7 +340,9 @@ class MqttClient:
             self.subscribed.set()
 
     def _handle_message(self, client, userdata, message: paho.MQTTMessage) -> None:
-        if self._on_message is not None:
+        if self.inbox is not None:
+            self.inbox.put(message)
+        elif self._on_message is not None:
             self._on_message(message)
 
 

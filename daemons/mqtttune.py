@@ -17,10 +17,15 @@ bytes go out in the same order, and nothing is acknowledged earlier than before.
 
 These touch paho internals (`_create_socket`, `_packet_read`, `_loop_rc_handle`,
 `_packet_queue`); `tune_receiver` checks they exist and returns False, leaving the client
-stock, when a paho release has changed them (deploy/constraints.txt pins the tested one).
+stock, when a paho release has changed them (deploy/constraints.txt pins the tested one, for
+the system install, the checkout's venv and CI alike). `IOT_PAHO_STOCK=1` in the environment
+leaves every client stock too: to tell a paho problem from ours, and for the test that proves
+the stock path keeps every promise.
 """
 
 from __future__ import annotations
+
+import os
 
 from paho.mqtt.enums import MQTTErrorCode
 
@@ -87,6 +92,8 @@ class BufferedSocket:
 
 
 def supported(client) -> bool:
+    if os.environ.get("IOT_PAHO_STOCK", "") not in ("", "0"):
+        return False
     return all(hasattr(client, n) for n in _NEEDED) and getattr(client, "_transport", "tcp") != "websockets"
 
 

@@ -7,16 +7,22 @@ The DLQ is a folder of append-only JSONL segments named `<unix ms>-<pid>-<n>.jso
 names sort by age. One line is one entry:
 
     {"id": "<segment>.<n>", "time": <unix s>, "reason": "bad-signature", "detail": "...",
-     "topic": "sensors/a", "payload": "<text>" | null, "payload_b64": null | "<base64>"}
+     "topic": "sensors/a", "payload": "<text>" | null, "payload_b64": null | "<base64>"
+     [, "msg_id": "..."] [, "retained": true]}
 
 The payload is kept as text when it is UTF-8, else base64, so `iotctl dlq show` prints what
 the sender sent and `replay` can hand back the exact bytes.
 
 Writer (the worker, one process): `append(entries)` writes all lines of a batch in one
-write() and fsyncs before it returns; the worker acknowledges the messages only after that,
-so an entry the broker forgot is on disk. Each run of the worker starts a new segment and
-fsyncs the folder, so it never appends behind a line a `kill -9` cut short. A segment is
-closed past `segment_bytes` and a new one begins.
+write() and fsyncs before it returns (`durable.AppendLog`); the worker acknowledges the
+messages only after that, so an entry the broker forgot is on disk. Each run of the worker
+starts a new segment. A segment is closed past `segment_bytes` and a new one begins.
+
+A retained message is sent again on every SUBSCRIBE, so on every reconnect of the worker.
+The writer knows which retained (topic, payload) pairs the DLQ holds (read at start, kept
+up to date by its own appends), so the worker writes such a message once, not once per
+reconnect. One that a tool removed while the worker ran is written again after the worker
+restarts, if the broker still holds it.
 
 Readers skip a last line without its newline (a torn append: that message was not
 acknowledged, so the broker delivers it again and it is written again whole) and count any
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import hashlib
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -42,7 +49,7 @@ from pathlib import Path
 
 import orjson
 
-from ..durable import fsync_dir
+from ..durable import AppendLog, fsync_dir
 
 SUFFIX = ".jsonl"
 REMOVED = "removed.log"
@@ -58,6 +65,7 @@ class Entry:
     topic: str
     payload: bytes
     msg_id: str | None = None
+    retained: bool = False
 
     def to_json(self) -> bytes:
         try:
@@ -68,6 +76,8 @@ class Entry:
                "topic": self.topic, "payload": text, "payload_b64": b64}
         if self.msg_id is not None:
             doc["msg_id"] = self.msg_id
+        if self.retained:
+            doc["retained"] = True
         return orjson.dumps(doc)
 
     @classmethod
@@ -78,7 +88,11 @@ class Entry:
         else:
             payload = d["payload"].encode("utf-8")
         return cls(str(d["id"]), float(d["time"]), str(d["reason"]), str(d.get("detail", "")),
-                   str(d["topic"]), payload, d.get("msg_id"))
+                   str(d["topic"]), payload, d.get("msg_id"), d.get("retained") is True)
+
+
+def fingerprint(topic: str, payload: bytes) -> bytes:
+    return hashlib.sha256(topic.encode("utf-8", "surrogateescape") + b"\0" + payload).digest()
 
 
 class Writer:
@@ -87,11 +101,11 @@ class Writer:
     def __init__(self, folder: Path, segment_bytes: int = 64 * 1024**2):
         self.folder = folder
         self.segment_bytes = segment_bytes
-        self.fd: int | None = None
+        self.log: AppendLog | None = None
         self.name = ""
-        self.size = 0
         self.seq = 0
         self.written = 0
+        self._retained: set[bytes] | None = None  # fingerprints, read on first use
 
     def _open(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -100,38 +114,39 @@ class Writer:
         while (self.folder / f"{ms:013d}-{os.getpid()}-{n:04d}{SUFFIX}").exists():
             n += 1
         stem = f"{ms:013d}-{os.getpid()}-{n:04d}"
-        fd = os.open(self.folder / f"{stem}{SUFFIX}", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        # Held while we write: tools never rewrite a segment that is being appended to.
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        fsync_dir(self.folder)
-        self.fd, self.name, self.size, self.seq = fd, stem, 0, 0
+        # Locked while we write: tools never rewrite a segment that is being appended to.
+        self.log = AppendLog(self.folder / f"{stem}{SUFFIX}", mode=0o600, lock=True)
+        self.log.open()
+        self.name, self.seq = stem, 0
 
-    def append(self, items: Iterable[tuple[str, str, str, bytes, str | None]]) -> list[Entry]:
-        """Write (reason, detail, topic, payload, msg_id) items as entries; fsynced on return.
-        Raises OSError (disk full, read-only): the caller must not acknowledge them."""
-        if self.fd is None or self.size >= self.segment_bytes:
+    def holds_retained(self, topic: str, payload: bytes) -> bool:
+        """True if this retained message is in the DLQ already."""
+        if self._retained is None:
+            self._retained = {fingerprint(e.topic, e.payload) for e in read_all(self.folder).entries if e.retained}
+        return fingerprint(topic, payload) in self._retained
+
+    def append(self, items: Iterable[tuple[str, str, str, bytes, str | None, bool]]) -> list[Entry]:
+        """Write (reason, detail, topic, payload, msg_id, retained) items as entries; fsynced on
+        return. Raises OSError (disk full, read-only): the caller must not acknowledge them."""
+        if self.log is None or self.log.size >= self.segment_bytes:
             self.close()
             self._open()
+        assert self.log is not None
         now = time.time()
         entries = []
-        for reason, detail, topic, payload, msg_id in items:
+        for reason, detail, topic, payload, msg_id, retained in items:
             self.seq += 1
-            entries.append(Entry(f"{self.name}.{self.seq}", now, reason, detail, topic, payload, msg_id))
-        data = b"".join(e.to_json() + b"\n" for e in entries)
-        assert self.fd is not None
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-        os.fsync(self.fd)
-        self.size += len(data)
+            entries.append(Entry(f"{self.name}.{self.seq}", now, reason, detail, topic, payload, msg_id, retained))
+        self.log.append(b"".join(e.to_json() + b"\n" for e in entries))
         self.written += len(entries)
+        if self._retained is not None:
+            self._retained.update(fingerprint(e.topic, e.payload) for e in entries if e.retained)
         return entries
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # releases the flock
-            self.fd = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
 
 # -- reading and removing (iotctl) -----------------------------------------------------------------

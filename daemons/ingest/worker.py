@@ -4,9 +4,9 @@ once they are committed.
 Theory of operation
 ===================
 
-Two threads. paho's network thread reads PUBLISH packets and `_on_message` appends each
-message, tagged with the connection it came on, to `inbox` (a deque): no other work there.
-The main thread is the daemon's loop (`while svc.wait(0)`), one batch per pass:
+Two threads. paho's network thread puts each message into the client's inbox
+(`mqttclient.Inbox`, the project's one manual-ack path): no other work there. The main
+thread is the daemon's loop (`while svc.wait(0)`), one batch per pass:
 
 1. collect up to `batch_size` messages: at once if that many wait, else until the first has
    waited `batch_wait` or nothing new came for `batch_idle` (the broker's in-flight window is
@@ -15,38 +15,36 @@ The main thread is the daemon's loop (`while svc.wait(0)`), one batch per pass:
    a row, or into a DLQ item with its reason;
 3. DLQ items: appended and fsynced (dlq.py);
 4. rows: one upsert + commit (sinks.py); rows the database refuses become DLQ items, fsynced;
-5. only now acknowledge every message of the batch, in arrival order.
+5. only now acknowledge the batch, in arrival order (`MqttClient.ack`: QoS 0 messages are
+   never acknowledged, and messages of an older connection are left for the broker to send
+   again).
 
 A crash anywhere before 5 loses nothing: the broker still holds the messages for our
 persistent session and sends them again; the upsert keyed by message id makes the second
 landing a no-op, and a second DLQ entry for a redelivered bad message is harmless.
 
+Retained messages come again on every SUBSCRIBE, so on every reconnect and restart. A bad
+retained message is written to the DLQ once: the DLQ knows the retained entries it holds
+(`Writer.holds_retained`), and one already there is not written again.
+
 A database outage (the sink raises Unavailable) is not a DLQ case: the loop keeps the same
 batch, retries with exponential backoff and says so in STATUS=. Nothing is acknowledged, so
 the broker stops sending once its in-flight window is full; `max_unacked` is our own bound
-behind it (past it `_on_message` blocks paho's thread until the batch lands).
-
-Acknowledgements name packet ids, which are only meaningful on the connection that carried
-the message. When the connection drops, `_epoch` moves on (under `_ack_lock`, in paho's
-thread, before paho reconnects and discards its unsent packets), and acks for messages of an
-older epoch are skipped: the broker redelivers those, and they are acknowledged then. Without
-this a late ack could free a reused packet id of a message not yet committed.
+behind it (past it the inbox blocks paho's thread until the batch lands).
 """
 
 from __future__ import annotations
 
 import gc
 import sys
-import threading
 import time
-from collections import deque
 from pathlib import Path
 
 import orjson
 
 from .. import service
 from ..config import Config, ConfigError
-from ..mqttclient import MqttClient, backoff
+from ..mqttclient import Delivery, MqttClient, backoff, paho_version
 from ..service import Exit, Service
 from . import dlq as dlqmod
 from .signing import KeysError, Reason, Rejected, Verifier, load_keys
@@ -78,11 +76,11 @@ def to_row(verifier: Verifier, topic: str, payload: bytes) -> Row:
 
 
 class Stats:
-    __slots__ = ("landed", "dlq", "batches", "lat_sum", "lat_n", "last_landed", "last_t", "rate",
-                 "outage", "started")
+    __slots__ = ("landed", "dlq", "retained_again", "batches", "lat_sum", "lat_n", "last_landed", "last_t",
+                 "rate", "outage", "started")
 
     def __init__(self):
-        self.landed = self.dlq = self.batches = 0
+        self.landed = self.dlq = self.retained_again = self.batches = 0
         self.lat_sum = 0.0
         self.lat_n = 0
         self.last_landed = 0
@@ -96,41 +94,19 @@ class Ingest:
         self.svc, self.log = svc, svc.log
         self.cfg = svc.config.ingest
         self.sink, self.verifier, self.dlq = sink, verifier, dlq
-        self.inbox: deque = deque()
         self.stats = Stats()
-        self._epoch = 0
-        self._ack_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._sleeping = False
-        self._space = threading.Condition()
-        self._limit = max(1, self.cfg.max_unacked - self.cfg.batch_size)
-        self.client: MqttClient | None = None
+        cfg = svc.config
+        self.client = c = MqttClient(
+            cfg.mqtt, f"{cfg.mqtt.client_id_prefix}-ingest", log=self.log, clean_session=False,
+            manual_ack=True, subscriptions=[(t, 1) for t in self.cfg.topics], on_connect=self._on_connect,
+            tune_receiver=True, inbox_limit=self.cfg.max_unacked - self.cfg.batch_size,
+        )
+        assert c.inbox is not None
+        self.inbox = c.inbox
 
     # paho's thread -----------------------------------------------------------------------------
 
-    def _on_message(self, msg) -> None:
-        inbox = self.inbox
-        if len(inbox) >= self._limit:
-            self._wait_for_space()
-        inbox.append((self._epoch, msg))
-        if self._sleeping:
-            self._sleeping = False
-            self._wake.set()
-
-    def _wait_for_space(self) -> None:
-        # Blocking paho's thread stops reads from the broker: TCP pushes back. It is woken by
-        # the main thread taking a batch; a stop request ends the wait too.
-        with self._space:
-            while len(self.inbox) >= self._limit and not self.svc.stopping:
-                self._space.wait(0.5)
-
-    def _on_disconnect(self) -> None:
-        with self._ack_lock:
-            self._epoch += 1
-
     def _on_connect(self, session_present: bool) -> None:
-        with self._ack_lock:
-            self._epoch += 1
         if not session_present:
             self.log.info("broker has no stored session for us (first start, or it lost its state): "
                           "messages published while we were away may be gone")
@@ -138,27 +114,16 @@ class Ingest:
     # main thread --------------------------------------------------------------------------------
 
     def start_mqtt(self) -> None:
-        cfg = self.svc.config
-        self.client = c = MqttClient(
-            cfg.mqtt, f"{cfg.mqtt.client_id_prefix}-ingest", log=self.log, clean_session=False,
-            manual_ack=True, subscriptions=[(t, 1) for t in self.cfg.topics], on_message=self._on_message,
-            on_connect=self._on_connect, on_disconnect=self._on_disconnect, tune_receiver=True,
-        )
+        c = self.client
         if not c.tuned:
             self.log.warning("paho internals differ from the tested version: running without read "
-                             "buffering and batched acks (correct, slower)")
+                             "buffering and batched acks (correct, slower)", paho=paho_version)
         c.start()
 
-    def collect(self) -> list:
+    def collect(self) -> list[Delivery]:
         inbox = self.inbox
-        if not inbox:
-            self._wake.clear()
-            self._sleeping = True
-            if not inbox:
-                self._wake.wait(0.5)
-            self._sleeping = False
-            if not inbox:
-                return []
+        if not inbox.wait(0.5):
+            return []
         size, idle = self.cfg.batch_size, self.cfg.batch_idle
         deadline = time.monotonic() + self.cfg.batch_wait
         seen = len(inbox)
@@ -171,14 +136,9 @@ class Ingest:
             if n == seen:
                 break  # nothing new: the window is full or the sender paused; waiting gains nothing
             seen = n
-        pop = inbox.popleft
-        batch = [pop() for _ in range(min(size, len(inbox)))]
-        if len(inbox) < self._limit:
-            with self._space:
-                self._space.notify_all()
-        return batch
+        return inbox.take(size)
 
-    def process(self, batch: list) -> bool:
+    def process(self, batch: list[Delivery]) -> bool:
         """Land one batch and acknowledge it. False if a stop came first (nothing acked)."""
         rows: list[Row] = []
         where: list[int] = []  # batch index of each row
@@ -191,12 +151,15 @@ class Ingest:
                 topic = m.topic
             except UnicodeDecodeError:
                 bad.append((Reason.BAD_ENVELOPE.value, "topic is not UTF-8",
-                            m._topic.decode("utf-8", "replace"), m.payload, None))
+                            m._topic.decode("utf-8", "replace"), m.payload, None, m.retain))
                 continue
             try:
                 row = to_row_(verifier, topic, m.payload)
             except Rejected as e:
-                bad.append((e.reason.value, e.detail, topic, m.payload, None))
+                if m.retain and self.dlq.holds_retained(topic, m.payload):
+                    self.stats.retained_again += 1  # sent again on a new SUBSCRIBE; in the DLQ already
+                    continue
+                bad.append((e.reason.value, e.detail, topic, m.payload, None, m.retain))
                 continue
             rows.append(row)
             where.append(i)
@@ -217,11 +180,11 @@ class Ingest:
             for j, err in refused:
                 _, m = batch[where[j]]
                 ts_sum -= rows[j][2]
-                items.append((Reason.DB_REFUSED.value, err, rows[j][3], m.payload, rows[j][0]))
+                items.append((Reason.DB_REFUSED.value, err, rows[j][3], m.payload, rows[j][0], m.retain))
             if not self._retry(lambda: self.dlq.append(items), "DLQ not writable", len(batch)):
                 return False
             bad.extend(items)
-        self.ack(batch)
+        self.client.ack(batch)
         landed = len(rows) - len(refused)
         st = self.stats
         st.landed += landed
@@ -255,16 +218,6 @@ class Ingest:
                 if not self.svc.wait(delay):
                     return False
 
-    def ack(self, batch: list) -> None:
-        c = self.client
-        assert c is not None
-        with self._ack_lock:
-            epoch = self._epoch
-            mids = [m.mid for e, m in batch if e == epoch]
-            if not mids:
-                return
-            c.ack_many(mids)
-
     def _log_rejects(self, bad: list) -> None:
         # One line per reason per batch: a flood of bad messages cannot flood the journal.
         counts: dict[str, int] = {}
@@ -284,7 +237,7 @@ class Ingest:
                 f"{self.cfg.batch_wait * 1000:.0f}ms")
         if st.outage:
             line = st.outage + "; " + line
-        elif self.client is not None and not self.client.connected:
+        elif not self.client.connected:
             line = "broker not connected; " + line
         return line
 
@@ -335,7 +288,6 @@ def serve(svc: Service) -> None:
     svc.status_fn = ing.summary
     # READY once the broker has granted the subscription (from then on nothing published is
     # missed, even on a first start), or after SUBSCRIBE_WAIT while it keeps retrying.
-    assert ing.client is not None
     subscribed = ing.client.subscribed.wait(SUBSCRIBE_WAIT)
     svc.ready((f"subscribed to {','.join(ic.topics)}" if subscribed else "broker not reachable yet; retrying")
               + f" as {cfg.mqtt.client_id_prefix}-ingest; sink {sink.describe()}; keys {len(keys)}")
@@ -351,8 +303,7 @@ def serve(svc: Service) -> None:
         raise Exit(service.EX_DATAERR, str(e)) from None
     finally:
         svc.log.info("final " + ing.summary(), unacked_left=len(ing.inbox))
-        if ing.client is not None:
-            ing.client.stop()
+        ing.client.stop()
         sink.close()
         dlq.close()
 

@@ -1,62 +1,47 @@
 """Durable state for the transfer daemons, written so that `kill -9` at any moment loses
-nothing that was acknowledged.
-
-Two shapes, both append-only between compactions:
+nothing that was acknowledged. Both are `durable.AppendLog`s (append, fsync, torn tail cut):
 
 - `Journal`: JSON lines. `append()` writes one record and fsyncs before returning, so the
-  caller acts (moves a file, publishes an ack) only on what is already on disk. A crash in
-  the middle of an append leaves at most one torn last line; `load()` skips it.
+  caller acts (moves a file, publishes an ack) only on what is already on disk.
 - `IndexLog`: the receiver's set of chunks known to be on disk, as 4-byte little-endian
   indexes. The caller fdatasyncs the data file first and appends the indexes after, so an
-  index on disk always means its bytes are on disk too; a torn tail (not a multiple of 4)
-  is ignored.
+  index on disk always means its bytes are on disk too.
 
 The other durable write, replacing a whole file, is `durable.atomic_write`.
 """
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
 
-from ..durable import atomic_write, fsync_dir
+from ..durable import AppendLog, atomic_write
 
 
 class Journal:
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = None
+        self._log = AppendLog(path)
 
     def load(self) -> list[dict]:
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return []
         records = []
-        for line in raw.split(b"\n"):
+        for line in self._log.read_whole()[0].split(b"\n"):
             if not line.strip():
                 continue
             try:
                 rec = orjson.loads(line)
             except orjson.JSONDecodeError:
-                continue  # the torn last line of a crash mid-append
+                continue  # not ours to judge: skip, keep the rest
             if isinstance(rec, dict):
                 records.append(rec)
         return records
 
     def append(self, record: dict) -> None:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            # A previous crash may have left a torn line without its newline: start a new one.
-            if os.fstat(self._fd).st_size and not self.path.read_bytes().endswith(b"\n"):
-                os.write(self._fd, b"\n")
-        os.write(self._fd, orjson.dumps(record) + b"\n")
-        os.fsync(self._fd)
+        self._log.append(orjson.dumps(record) + b"\n")
 
     def rewrite(self, records: Iterable[dict]) -> None:
         """Compact: keep only `records`, atomically."""
@@ -64,9 +49,7 @@ class Journal:
         atomic_write(self.path, b"".join(orjson.dumps(r) + b"\n" for r in records))
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._log.close()
 
 
 _U32 = struct.Struct("<I")
@@ -75,32 +58,18 @@ _U32 = struct.Struct("<I")
 class IndexLog:
     def __init__(self, path: Path):
         self.path = path
-        self._fd: int | None = None
+        self._log = AppendLog(path, record=_U32.size)
 
     def load(self) -> list[int]:
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return []
-        whole = len(raw) - len(raw) % 4
-        return [v for (v,) in _U32.iter_unpack(raw[:whole])]
+        return [v for (v,) in _U32.iter_unpack(self._log.read_whole()[0])]
 
     def append(self, indexes: Iterable[int]) -> None:
         data = b"".join(_U32.pack(i) for i in indexes)
-        if not data:
-            return
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            size = os.fstat(self._fd).st_size
-            if size % 4:  # a torn tail from a crash: cut it so the records stay aligned
-                os.ftruncate(self._fd, size - size % 4)
-        os.write(self._fd, data)
-        os.fsync(self._fd)
+        if data:
+            self._log.append(data)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._log.close()
 
 
 def unique_path(folder: Path, name: str) -> Path:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import queue
 import sys
 import time
 from pathlib import Path
@@ -497,11 +496,12 @@ def serve(svc: service.Service) -> None:
         rx = Receiver(cfg, spool, None, svc.log)
     except OSError as e:
         raise service.Exit(service.EX_CANTCREAT, f"cannot use the spool {spool}: {e.strerror}") from None
-    inbox: queue.Queue = queue.Queue()
     prefix = cfg.topic_prefix
     client = MqttClient(svc.config.mqtt, f"{svc.config.mqtt.client_id_prefix}-transfer-recv", log=svc.log,
-                        clean_session=False, manual_ack=True, on_message=inbox.put,
+                        clean_session=False, manual_ack=True,
                         subscriptions=[(P.subscription(prefix, k), 1) for k in ("meta", "chunk", "retry")])
+    inbox = client.inbox
+    assert inbox is not None
     rx.publish = lambda topic, payload: client.publish(topic, payload, 1)
     rx.recover()
     client.start()
@@ -510,22 +510,11 @@ def serve(svc: service.Service) -> None:
     snap_at, last_status, last_snap = 0.0, "", {}
     try:
         while svc.wait(0):
-            wait = rx.tick(inbox.empty(), client.connected)
-            try:
-                msg = inbox.get(timeout=min(wait, 0.2))
-            except queue.Empty:
-                msg = None
-            handled = 0
-            while msg is not None:
-                rx.handle(msg.topic, msg.payload, prefix)
-                client.ack(msg.mid, msg.qos)  # after it is written: the broker's window paces us
-                handled += 1
-                if handled >= 64:
-                    break
-                try:
-                    msg = inbox.get_nowait()
-                except queue.Empty:
-                    msg = None
+            inbox.wait(min(rx.tick(len(inbox) == 0, client.connected), 0.2))
+            batch = inbox.take(64)
+            for _, m in batch:
+                rx.handle(m.topic, m.payload, prefix)
+            client.ack(batch)  # after it is written: the broker's window paces us
             if time.monotonic() - snap_at >= 1.0:
                 snap_at = time.monotonic()
                 snap = rx.snapshot()

@@ -31,6 +31,7 @@ import queue
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -361,22 +362,22 @@ class Sender:
 # --- watching the outbox ------------------------------------------------------------------------
 
 
-def watch(outbox: Path, inbox: queue.Queue):
-    """Start a watchdog observer that puts ("fs", path) on `inbox` when a file in the outbox
+def watch(outbox: Path, post: Callable[[tuple[str, str]], None]):
+    """Start a watchdog observer that posts ("fs", path) when a file in the outbox
     is closed after writing or renamed in, ("mod", path) when it is written. Returns it."""
     from watchdog.events import FileSystemEventHandler  # noqa: PLC0415
 
     class Handler(FileSystemEventHandler):
         def on_closed(self, event):
-            inbox.put(("fs", event.src_path))
+            post(("fs", event.src_path))
 
         def on_moved(self, event):
             if event.dest_path:
-                inbox.put(("fs", event.dest_path))
+                post(("fs", event.dest_path))
 
         def on_modified(self, event):
             if not event.is_directory:
-                inbox.put(("mod", event.src_path))
+                post(("mod", event.src_path))
 
     try:
         from watchdog.observers.inotify import InotifyObserver  # noqa: PLC0415
@@ -391,7 +392,7 @@ def watch(outbox: Path, inbox: queue.Queue):
         class Handler(Handler):  # noqa: F811 - no close events here: a new file settles instead
             def on_created(self, event):
                 if not event.is_directory:
-                    inbox.put(("fs", event.src_path))
+                    post(("fs", event.src_path))
 
     observer.schedule(Handler(), str(outbox), recursive=False)
     observer.daemon = True
@@ -404,20 +405,29 @@ def watch(outbox: Path, inbox: queue.Queue):
 
 def serve(svc: service.Service) -> None:
     cfg = svc.config.transfer
-    inbox: queue.Queue = queue.Queue()
     mq = svc.config.mqtt
     client = MqttClient(mq, f"{mq.client_id_prefix}-transfer-send", log=svc.log, clean_session=False,
-                        manual_ack=True, on_message=lambda m: inbox.put(("mqtt", m)),
+                        manual_ack=True,
                         subscriptions=[(P.subscription(cfg.topic_prefix, k), 1) for k in ("status", "ack")],
                         max_inflight=max(20, cfg.window * cfg.max_parallel + 8))
+    inbox = client.inbox
+    assert inbox is not None
+    # The outbox watcher's events and the hashing threads' wake-ups; the MQTT messages are in
+    # the client's inbox, whose wait() both end.
+    events: queue.SimpleQueue = queue.SimpleQueue()
+
+    def post(item) -> None:
+        events.put(item)
+        inbox.wake()
+
     try:
         tx = Sender(cfg, svc.config.paths.state_dir, svc.log,
-                    lambda topic, payload: client.publish(topic, payload, 1), wake=lambda: inbox.put(("wake", None)))
+                    lambda topic, payload: client.publish(topic, payload, 1), wake=lambda: post(("wake", None)))
     except OSError as e:
         raise service.Exit(service.EX_CANTCREAT, f"cannot create the outbox or state folders: {e}") from None
     tx.recover()
     try:
-        observer = watch(tx.outbox, inbox)
+        observer = watch(tx.outbox, post)
     except OSError as e:
         raise service.Exit(service.EX_OSERR, f"cannot watch {tx.outbox}: {e}") from None
     tx.scan()
@@ -427,24 +437,18 @@ def serve(svc: service.Service) -> None:
     snap_at, last_status, last_snap = 0.0, "", {}
     try:
         while svc.wait(0):
-            wait = tx.step()
-            try:
-                item = inbox.get(timeout=min(max(wait, 0.0), 0.2))
-            except queue.Empty:
-                item = None
-            handled = 0
-            while item is not None and handled < 256:
-                kind, value = item
-                if kind == "mqtt":
-                    tx.on_message(value.topic, value.payload)
-                    client.ack(value.mid, value.qos)  # after the journal has what it implies
-                elif kind in ("fs", "mod"):
-                    tx.touch(Path(os.fsdecode(value)), modified=kind == "mod")
-                handled += 1
+            inbox.wait(min(max(tx.step(), 0.0), 0.2))
+            for _ in range(256):
                 try:
-                    item = inbox.get_nowait()
+                    kind, value = events.get_nowait()
                 except queue.Empty:
-                    item = None
+                    break
+                if kind in ("fs", "mod"):
+                    tx.touch(Path(os.fsdecode(value)), modified=kind == "mod")
+            batch = inbox.take(256)
+            for _, m in batch:
+                tx.on_message(m.topic, m.payload)
+            client.ack(batch)  # after the journal has what they imply
             if time.monotonic() - snap_at >= 1.0:
                 snap_at = time.monotonic()
                 snap = tx.snapshot()

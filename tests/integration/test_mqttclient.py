@@ -56,45 +56,6 @@ def test_reconnects_and_resubscribes_after_broker_restart(mosquitto):
         c.stop()
 
 
-def test_manual_ack_holds_the_puback_until_the_daemon_acks(mosquitto):
-    """A message received but not acked is redelivered to the persistent session."""
-    inbox: queue.Queue = queue.Queue()
-    c = MqttClient(cfg(mosquitto.port), "manual", log=LOG, clean_session=False, manual_ack=True,
-                   subscriptions=[("m/t", 1)], on_message=inbox.put)
-    c.start()
-    assert c.wait_connected(10) and c.subscribed.wait(5)
-    p = publisher(mosquitto.port)
-    info = p.publish("m/t", b"durable?", 1)
-    info.wait_for_publish(5)
-    assert info.is_published()
-    first = inbox.get(timeout=5)
-    assert first.payload == b"durable?"
-    c.stop()  # no ack sent
-
-    inbox2: queue.Queue = queue.Queue()
-    c2 = MqttClient(cfg(mosquitto.port), "manual", log=LOG, clean_session=False, manual_ack=True,
-                    subscriptions=[("m/t", 1)], on_message=inbox2.put)
-    c2.start()
-    try:
-        again = inbox2.get(timeout=10)
-        assert again.payload == b"durable?" and again.dup
-        c2.ack(again.mid, again.qos)
-    finally:
-        c2.stop()
-        p.stop()
-
-    inbox3: queue.Queue = queue.Queue()
-    c3 = MqttClient(cfg(mosquitto.port), "manual", log=LOG, clean_session=False, manual_ack=True,
-                    subscriptions=[("m/t", 1)], on_message=inbox3.put)
-    c3.start()
-    try:
-        assert c3.wait_connected(10)
-        time.sleep(1.0)  # give a (wrong) redelivery time to arrive
-        assert inbox3.empty(), "acked message was delivered again"
-    finally:
-        c3.stop()
-
-
 WILL_CHILD = """
 import os, sys, time
 from daemons.config import MqttConfig

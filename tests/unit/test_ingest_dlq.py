@@ -7,12 +7,13 @@ from daemons.ingest import dlq
 
 
 def items(n: int, reason: str = "bad-signature", payload: bytes = b"x"):
-    return [(reason, f"detail {i}", f"sensors/{i}", payload + str(i).encode(), None) for i in range(n)]
+    return [(reason, f"detail {i}", f"sensors/{i}", payload + str(i).encode(), None, False) for i in range(n)]
 
 
 def test_entries_round_trip_with_text_and_binary_payloads(tmp_path):
     w = dlq.Writer(tmp_path)
-    w.append([("bad-json", "d", "t/a", b'{"not": json', "m-1"), ("bad-envelope", "d", "t/b", b"\xff\x00\xfe", None)])
+    w.append([("bad-json", "d", "t/a", b'{"not": json', "m-1", False),
+              ("bad-envelope", "d", "t/b", b"\xff\x00\xfe", None, False)])
     w.close()
     scan = dlq.read_all(tmp_path)
     a, b = scan.entries
@@ -97,7 +98,7 @@ def test_segment_is_flocked_while_written_and_fsync_is_called(tmp_path, monkeypa
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
     w = dlq.Writer(tmp_path)
     w.append(items(1))
-    assert w.fd in synced
+    assert w.log is not None and w.log._fd in synced
     fd = os.open(next(tmp_path.glob("*.jsonl")), os.O_RDONLY)
     try:
         try:
@@ -109,3 +110,19 @@ def test_segment_is_flocked_while_written_and_fsync_is_called(tmp_path, monkeypa
         os.close(fd)
     w.close()
     assert locked
+
+
+def test_the_retained_messages_it_holds_are_known_to_the_next_writer_too(tmp_path):
+    w = dlq.Writer(tmp_path)
+    assert not w.holds_retained("sensors/r", b"hello")
+    w.append([("bad-envelope", "d", "sensors/r", b"hello", None, True), ("bad-envelope", "d", "sensors/n", b"x", None, False)])
+    assert w.holds_retained("sensors/r", b"hello")
+    assert not w.holds_retained("sensors/r", b"hello!")  # same topic, another payload: a new message
+    assert not w.holds_retained("sensors/n", b"x")  # not retained: a redelivery is a new entry
+    w.close()
+    again = dlq.Writer(tmp_path)  # the worker after a restart
+    assert again.holds_retained("sensors/r", b"hello")
+    assert [e.retained for e in dlq.read_all(tmp_path).entries] == [True, False]
+    with dlq.Remover(tmp_path) as rm:
+        rm.remove([e.id for e in dlq.read_all(tmp_path).entries])
+    assert not dlq.Writer(tmp_path).holds_retained("sensors/r", b"hello")  # purged: it may come back

@@ -2,15 +2,12 @@
 MySQL statement builder, batched PUBACK bytes, and the worker's ack-epoch rule."""
 
 import sqlite3
-from collections import deque
-from types import SimpleNamespace
 
 import pymysql.converters
 import pytest
 
 from daemons import mqtttune
 from daemons.ingest import sinks
-from daemons.ingest.worker import Ingest
 
 
 def row(i: int, sensor: str = "s1") -> tuple:
@@ -103,17 +100,3 @@ def test_mysql_statements_are_split_and_rows_keep_their_order(monkeypatch):
 
 def test_puback_bytes_are_mqtt_3_1_1_pubacks_in_order():
     assert mqtttune.puback_bytes([1, 258, 65535]) == b"\x40\x02\x00\x01" + b"\x40\x02\x01\x02" + b"\x40\x02\xff\xff"
-
-
-def test_acks_skip_messages_from_an_earlier_connection():
-    """A packet id is only meaningful on the connection that carried it: after a reconnect the
-    broker redelivers, and an old id may already name another message."""
-    acked = []
-    ing = Ingest.__new__(Ingest)
-    ing.client = SimpleNamespace(ack_many=acked.extend)
-    ing._ack_lock = __import__("threading").Lock()
-    ing._epoch = 2
-    ing.inbox = deque()
-    msg = lambda mid: SimpleNamespace(mid=mid)  # noqa: E731
-    ing.ack([(1, msg(10)), (2, msg(11)), (1, msg(12)), (2, msg(13))])
-    assert acked == [11, 13]
