@@ -81,8 +81,11 @@ install_local() {
   fi
   step "create venv $HERE/.venv"
   if [ -x "$HERE/.venv/bin/python" ]; then say "exists"; else "$PY" -m venv "$HERE/.venv"; fi
-  step "install iot-daemons (editable) into the venv"
-  "$HERE/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$HERE[test]"
+  step "install iot-daemons (editable) into the venv, versions pinned by deploy/constraints*.txt"
+  # The same pinned versions as the system install: the tests run against what ships (paho's
+  # receive path is tuned against one release, see daemons/mqtttune.py).
+  "$HERE/.venv/bin/python" -m pip install -q --disable-pip-version-check -c "$HERE/deploy/constraints.txt" \
+    -c "$HERE/deploy/constraints-test.txt" setuptools wheel -e "$HERE[test]"
   step "create state folders under $HERE/var"
   mkdir -p "$HERE"/var/{outbox,transfer,dlq,db,run,log}
   # git cannot keep a file private; iot-ingest refuses a keys file others can read.

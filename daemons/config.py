@@ -51,6 +51,13 @@ class PathsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    # Lines below this level are not logged. Applied at start and on SIGHUP (`systemctl reload`);
+    # a daemon's -v flag means "debug" whatever this says.
+    level: str = field(default="info", metadata=_choices("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True, slots=True)
 class MqttConfig:
     """How client daemons (and iotctl) reach the broker."""
 
@@ -180,6 +187,7 @@ class IngestConfig:
 
 SECTIONS: dict[str, type] = {
     "paths": PathsConfig,
+    "log": LogConfig,
     "mqtt": MqttConfig,
     "broker": BrokerConfig,
     "transfer": TransferConfig,
@@ -191,6 +199,7 @@ SECTIONS: dict[str, type] = {
 class Config:
     source: Path | None = None
     paths: PathsConfig = PathsConfig()
+    log: LogConfig = LogConfig()
     mqtt: MqttConfig = MqttConfig()
     broker: BrokerConfig = BrokerConfig()
     transfer: TransferConfig = TransferConfig()
@@ -288,3 +297,12 @@ def _convert(f: dataclasses.Field, value: Any, key: str, path: Path | None, base
             raise ConfigError(path, key, f"expected a list of strings, got {value!r}")
         return tuple(value)
     raise AssertionError(f"config field {key} has unsupported type {kind}")  # our bug, not the user's
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """`[section] key` for every value that differs between two loaded configs."""
+    out = []
+    for name in SECTIONS:
+        a, b = getattr(old, name), getattr(new, name)
+        out += [f"[{name}] {f.name}" for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+    return out

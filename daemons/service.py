@@ -135,6 +135,13 @@ class Log:
         return self._logger.isEnabledFor(logging.DEBUG)
 
 
+def apply_log_level(level: str, verbose: bool = False) -> str:
+    """Set the root level from `[log] level` (-v: debug); returns the level now in effect."""
+    level = "debug" if verbose else level
+    logging.getLogger().setLevel(level.upper())
+    return level
+
+
 def setup_logging(name: str, verbose: bool = False) -> Log:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(journal=_stderr_is_journal()))
@@ -156,7 +163,7 @@ class Service:
     def __init__(self, name: str, cfg: configmod.Config, args: argparse.Namespace, log: Log):
         self.name, self.config, self.args, self.log = name, cfg, args, log
         self.status_fn: Callable[[], str] | None = None
-        self.on_reload: Callable[[], None] | None = None
+        self.on_reload: Callable[[configmod.Config], None] | None = None
         self._notifier = sdnotify.SystemdNotifier()
         self._stop = threading.Event()
         self._reload = False
@@ -197,15 +204,21 @@ class Service:
             self._do_reload()
 
     def _do_reload(self) -> None:
-        if self.on_reload is None:
-            self.log.info("reload requested; nothing to reload")
-            return
+        """SIGHUP: read the config file again. `[log] level` takes effect at once; the daemon's
+        `on_reload(new_config)`, if it has one, applies what it can; every other changed key is
+        named as waiting for a restart. A file that does not load keeps everything as it was."""
         self.notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
         try:
-            self.on_reload()
-            self.log.info("reloaded")
-        except Exception as e:  # a bad reload keeps the old state running
-            self.log.error("reload failed; keeping the previous state", error=e)
+            new = configmod.load(self.args.config)
+            if self.on_reload is not None:
+                self.on_reload(new)
+        except Exception as e:  # a bad file or a failed reload keeps the old state running
+            self.log.error("reload failed; keeping the previous settings", error=str(e))
+        else:
+            level = apply_log_level(new.log.level, self.args.verbose)
+            waiting = [k for k in configmod.changed_keys(self.config, new) if k != "[log] level"]
+            fields = {"restart_needed": ",".join(waiting)} if waiting else {}
+            self.log.info("reloaded", config=new.source or "(defaults)", log_level=level, **fields)
         self.notify("READY=1")
 
     # stopping --------------------------------------------------------------------------------
@@ -315,6 +328,7 @@ def run(
     log = setup_logging(name, args.verbose)
     try:
         cfg = configmod.load(args.config)
+        apply_log_level(cfg.log.level, args.verbose)
         svc = Service(name, cfg, args, log)
         svc._install_sync_signals()  # an async serve() replaces these with loop handlers
         if inspect.iscoroutinefunction(serve):

@@ -136,7 +136,8 @@ class Broker:
         self.connected += 1
         self.stats.connections_total += 1
         self.stats.clients_maximum = max(self.stats.clients_maximum, self.connected)
-        conn.send(encode(Connack(present, ConnackCode.ACCEPTED)))
+        # MQTT 3.1 has no session present flag: that byte is reserved there and must stay 0.
+        conn.send(encode(Connack(present and pkt.protocol_level >= 4, ConnackCode.ACCEPTED)))
         if present:
             session.resume()
         return True

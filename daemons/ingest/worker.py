@@ -115,9 +115,11 @@ class Ingest:
 
     def start_mqtt(self) -> None:
         c = self.client
-        if not c.tuned:
-            self.log.warning("paho internals differ from the tested version: running without read "
-                             "buffering and batched acks (correct, slower)", paho=paho_version)
+        if c.tuned:
+            self.log.info("paho receive path tuned (buffered reads, batched acks)", paho=paho_version)
+        else:
+            self.log.warning("paho receive path stock: paho internals differ from the tested version, or "
+                             "IOT_PAHO_STOCK is set; correct, slower", paho=paho_version)
         c.start()
 
     def collect(self) -> list[Delivery]:

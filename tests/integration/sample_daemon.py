@@ -14,7 +14,7 @@ def add_arguments(p):
 def serve_sync(svc: service.Service) -> None:
     ticks = 0
     svc.status_fn = lambda: f"ticks={ticks}"
-    svc.on_reload = lambda: svc.log.info("reload callback ran")
+    svc.on_reload = lambda cfg: svc.log.info("reload callback ran", level=cfg.log.level)
     svc.ready("serving")
     while svc.wait(0.05):
         ticks += 1
@@ -25,7 +25,7 @@ def serve_sync(svc: service.Service) -> None:
 
 async def serve_async(svc: service.Service) -> None:
     svc.status_fn = lambda: "async loop"
-    svc.on_reload = lambda: svc.log.info("reload callback ran")
+    svc.on_reload = lambda cfg: svc.log.info("reload callback ran", level=cfg.log.level)
     svc.ready("serving")
     await svc.stopped()
 

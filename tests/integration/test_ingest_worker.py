@@ -150,8 +150,8 @@ def node_factory(tmp_path):
         n.close()
 
 
-def start_ingest(daemon, node: Node):
-    return daemon("iot-ingest", "--config", str(node.config))
+def start_ingest(daemon, node: Node, env: dict[str, str] | None = None):
+    return daemon("iot-ingest", "--config", str(node.config), env=env)
 
 
 # -- tests ---------------------------------------------------------------------------------------
@@ -174,24 +174,38 @@ def test_redelivered_messages_change_nothing(broker_factory, daemon, node_factor
     assert proc.running()
 
 
-def test_kill_9_mid_stream_then_restart_lands_every_message_exactly_once(broker_factory, daemon, node_factory,
-                                                                        db_toml):
+def kill_9_mid_stream(daemon, node: Node, env: dict[str, str] | None = None) -> list[str]:
+    """30,000 readings; iot-ingest killed with -9 mid-stream and started again: every message
+    lands exactly once, and what landed before the kill is unchanged. Returns both logs."""
     n = 30_000
-    b = broker_factory(BROKER_LIMITS)
-    node = node_factory(b.port, db_toml)
-    proc, _ = start_ingest(daemon, node)
+    proc, _ = start_ingest(daemon, node, env)
     load = node.stress(n, "k9")
     wait_for(lambda: node.count() >= 5000, 60, 0.02, what="5000 rows before the kill")
     proc.kill()  # SIGKILL: no graceful anything
     landed_before = node.rows()
     assert 5000 <= len(landed_before) < n, "the kill should land mid-stream"
-    start_ingest(daemon, node)
+    proc2, _ = start_ingest(daemon, node, env)
     finish(load, n)
     node.wait_rows(n, 90)
     after = node.rows()
     assert set(after) == stress_ids("k9", n, 2)
     assert {k: after[k] for k in landed_before} == landed_before
     assert node.dlq().entries == []
+    return [proc.log(), proc2.log()]
+
+
+def test_kill_9_mid_stream_then_restart_lands_every_message_exactly_once(broker_factory, daemon, node_factory,
+                                                                        db_toml):
+    b = broker_factory(BROKER_LIMITS)
+    logs = kill_9_mid_stream(daemon, node_factory(b.port, db_toml))
+    assert all("paho receive path tuned" in log for log in logs)  # the path that ships is the one tested
+
+
+def test_the_stock_paho_receive_path_keeps_the_same_promises(broker_factory, daemon, node_factory):
+    """The fallback taken when a paho release no longer matches daemons/mqtttune.py."""
+    b = broker_factory(BROKER_LIMITS)
+    logs = kill_9_mid_stream(daemon, node_factory(b.port), env={"IOT_PAHO_STOCK": "1"})
+    assert all("paho receive path stock" in log for log in logs)
 
 
 def test_against_mosquitto_kill_9_and_restart(tmp_path, daemon, node_factory):

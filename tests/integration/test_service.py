@@ -83,3 +83,48 @@ def test_journald_priority_prefix_only_when_stderr_is_the_journal_stream(tmp_pat
 def test_bad_command_line_exits_64(tmp_path):
     r = subprocess.run([sys.executable, SAMPLE, "--no-such-flag"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 64 and "unrecognized arguments" in r.stderr
+
+
+def test_sighup_applies_the_log_level_and_names_what_needs_a_restart(daemon, tmp_path):
+    """`systemctl reload`: the config file is read again; [log] level takes effect at once (the
+    broker's per-connection debug lines appear), other changed keys are named as waiting for a
+    restart, and a file that no longer loads keeps the daemon running as it was."""
+    from tests.mqttraw import RawClient
+    from tests.support import free_port
+
+    port = free_port()
+    cfg = tmp_path / "iot.toml"
+    base = f'[paths]\nstate_dir = "{tmp_path / "var"}"\n[broker]\nhost = "127.0.0.1"\nport = {port}\n'
+    cfg.write_text(base)
+    proc, notify = daemon("iot-broker", "--config", str(cfg))
+
+    def connect_once(name: str) -> None:
+        with RawClient(port) as c:
+            c.connect_ok(name)
+            c.disconnect()
+
+    def reload(expect: str) -> None:
+        before = proc.log().count(expect)
+        proc.signal(signal.SIGHUP)
+        wait_for(lambda: proc.log().count(expect) > before, 10, what=f"{expect!r} in the log")
+        assert proc.running()
+
+    connect_once("quiet")
+    cfg.write_text(base + '[log]\nlevel = "debug"\n')
+    reload("reloaded")
+    assert "log_level=debug" in proc.log().splitlines()[-1] and "restart_needed" not in proc.log()
+    connect_once("loud")
+    wait_for(lambda: "client connected client=loud" in proc.log(), 10, what="the debug line of a new client")
+    assert "client=quiet" not in proc.log()  # info level hid it before the reload
+
+    cfg.write_text(base + '[log]\nlevel = "loud"\n')
+    reload("reload failed")
+    connect_once("still-debug")
+    wait_for(lambda: "client connected client=still-debug" in proc.log(), 10, what="debug still on")
+
+    cfg.write_text(base.replace(f"port = {port}", f"port = {port + 1}") + '[log]\nlevel = "info"\n')
+    reload("log_level=info")
+    assert 'restart_needed="[broker] port"' in proc.log().splitlines()[-1]
+    connect_once("quiet-again")  # still on the old port, and quiet again
+    assert "client=quiet-again" not in proc.log()
+    assert notify.messages.count("READY=1") >= 1 and any(m.startswith("RELOADING=1") for m in notify.drain(0.5))
