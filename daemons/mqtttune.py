@@ -1,5 +1,5 @@
 """paho-mqtt for high message rates: read buffering and batched PUBACKs. Used through
-`mqttclient.MqttClient(tune_receiver=True)` / `.ack_many()`, and by `iotctl stress`.
+`mqttclient.MqttClient(tune_receiver=True)` and its `ack()`, and by `iotctl stress`.
 
 Why: profiled at 20,000 msg/s (docs/BENCHMARKS.md, "Ingest"), stock paho 2.x spends about
 40 us of CPU per received QoS 1 message, most of it in system calls: it reads every packet

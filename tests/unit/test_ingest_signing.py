@@ -1,7 +1,6 @@
 """The signed-payload wire format and the body schema: every way a message is refused."""
 
 import os
-import time
 
 import orjson
 import pytest
@@ -120,13 +119,3 @@ def test_shipped_sample_keys_file_parses():
 
     keys = signing.parse_keys((ROOT / "etc" / "iot" / "ingest.keys").read_text())
     assert keys and all(len(k) >= 16 for k in keys.values())
-
-
-def test_verify_is_cheap_enough_for_the_hot_path():
-    """A regression guard, generous for slow machines: 20,000 checks well under a second."""
-    v = Verifier({"k1": K1}, 65536)
-    p = good()
-    t = time.perf_counter()
-    for _ in range(20_000):
-        v.check(p)
-    assert time.perf_counter() - t < 1.0
