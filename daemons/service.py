@@ -165,6 +165,11 @@ class Service:
         self.status_fn: Callable[[], str] | None = None
         self.on_reload: Callable[[configmod.Config], None] | None = None
         self._notifier = sdnotify.SystemdNotifier()
+        if self._notifier.socket is not None:
+            # A datagram send blocks while the receiver's queue is full (10 datagrams by default):
+            # a supervisor that stops reading must not freeze our loop for good. Past 1 s the
+            # message is dropped (sdnotify swallows the timeout); the next STATUS= follows.
+            self._notifier.socket.settimeout(1.0)
         self._stop = threading.Event()
         self._reload = False
         self._async_stop: asyncio.Event | None = None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .support import BIN, Mosquitto, NotifySocket, Proc, free_port, wait_for
+from .support import BIN, Mosquitto, NotifySocket, PortInUse, Proc, retry_on_port_in_use
 
 
 @pytest.fixture
@@ -14,6 +14,21 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     m = Mosquitto(tmp_path).start()
     yield m
     m.stop()
+
+
+@pytest.fixture(params=["iot-broker", "mosquitto"])
+def any_broker(request, tmp_path: Path) -> Iterator[int]:
+    """The port of a running broker: ours, then Mosquitto as the reference, with the same queue
+    limit per client as ours (Mosquitto's default of 1000 drops what a fast publisher sends past
+    it, which ours would have queued: a test would be comparing two configurations)."""
+    if request.param == "iot-broker":
+        yield request.getfixturevalue("broker").port
+    else:
+        from daemons.config import BrokerConfig
+
+        m = Mosquitto(tmp_path, conf=f"max_queued_messages {BrokerConfig().max_queued_messages}\n").start()
+        yield m.port
+        m.stop()
 
 
 @pytest.fixture
@@ -26,7 +41,11 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
 @pytest.fixture
 def daemon(tmp_path: Path):
     """Start `argv` (a console script name resolved in the venv, then its arguments) under a
-    bound NOTIFY_SOCKET, wait for READY=1, and stop every process at the end of the test."""
+    bound NOTIFY_SOCKET, wait for READY=1, and stop every process at the end of the test.
+
+    A daemon that exits before READY=1 fails the start at once; if it exited with 71 (EX_OSERR)
+    saying "Address already in use", the failure is PortInUse, so a caller can retry on
+    another port (see retry_on_port_in_use)."""
     started: list[Proc] = []
 
     def start(name: str, *args: str, env: dict[str, str] | None = None, ready: bool = True,
@@ -41,8 +60,10 @@ def daemon(tmp_path: Path):
         started.append(p)
         if ready:
             try:
-                n.wait_for("READY=1", timeout)
+                n.wait_for("READY=1", timeout, alive=p.running)
             except TimeoutError:
+                if not p.running() and p.proc.returncode == 71 and "Address already in use" in p.log():
+                    raise PortInUse(f"{name}: {p.log().strip()}") from None
                 raise AssertionError(f"{name} sent no READY=1 in {timeout}s; log:\n{p.log()}") from None
         return p, n
 
@@ -61,15 +82,18 @@ class BrokerProc:
 
 @pytest.fixture
 def broker_factory(daemon, tmp_path: Path):
-    """Start iot-broker on a free port with extra [broker] config lines; READY=1 awaited."""
+    """Start iot-broker with extra [broker] config lines; READY=1 awaited. Without `port`, on a
+    free port, and on another one if that was taken before the broker could bind it."""
 
     def start(extra: str = "", *args: str, port: int | None = None) -> BrokerProc:
-        port = port or free_port()
-        cfg = tmp_path / f"broker-{port}.toml"
-        cfg.write_text(f'[paths]\nstate_dir = "{tmp_path / "var"}"\n[broker]\nhost = "127.0.0.1"\nport = {port}\n'
-                       + extra)
-        proc, notify = daemon("iot-broker", "--config", str(cfg), *args)
-        return BrokerProc(proc, notify, port, cfg)
+        def on(port: int) -> BrokerProc:
+            cfg = tmp_path / f"broker-{port}.toml"
+            cfg.write_text(f'[paths]\nstate_dir = "{tmp_path / "var"}"\n[broker]\nhost = "127.0.0.1"\n'
+                           f'port = {port}\n' + extra)
+            proc, notify = daemon("iot-broker", "--config", str(cfg), *args)
+            return BrokerProc(proc, notify, port, cfg)
+
+        return on(port) if port else retry_on_port_in_use(on)
 
     return start
 

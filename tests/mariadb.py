@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .support import free_port
+from .support import PortInUse, free_port
 
 MARIADBD = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
 INSTALL_DB = shutil.which("mariadb-install-db") or "/usr/bin/mariadb-install-db"
@@ -34,6 +34,7 @@ class MariaDB:
         self.datadir = directory / "data"
         self.socket = directory / "mysqld.sock"
         self.port = port or free_port()
+        self._may_move = port is None  # a port we picked may be changed if someone else took it
         self.database, self.user, self.password = database, user, password
         self.options = options
         self.log_path = directory / "mariadbd.log"
@@ -56,6 +57,21 @@ class MariaDB:
         fresh = not (self.datadir / "mysql").is_dir()
         if fresh:
             self._install(timeout)
+        for attempt in range(5):
+            try:
+                self._start(timeout)
+                break
+            except PortInUse:
+                if not self._may_move or attempt == 4:
+                    raise
+                self.port = free_port()  # taken between free_port() and the bind: use another
+        self._may_move = False  # from now on clients know this port: a restart keeps it
+        if fresh:
+            self._provision()
+        return self
+
+    def _start(self, timeout: float) -> None:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # the log is appended to
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [MARIADBD, "--no-defaults", f"--datadir={self.datadir}", f"--socket={self.socket}",
@@ -64,10 +80,13 @@ class MariaDB:
              "--innodb-log-file-size=48M", "--max-connections=50", "--skip-log-bin", *self.options],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        self._wait_up(timeout)
-        if fresh:
-            self._provision()
-        return self
+        try:
+            self._wait_up(timeout)
+        except RuntimeError:
+            self._log.close()
+            if b"Address already in use" in self.log_path.read_bytes()[offset:]:  # "Bind on TCP/IP port"
+                raise PortInUse(f"mariadbd: port {self.port} is taken") from None
+            raise
 
     def _wait_up(self, timeout: float) -> None:
         import pymysql  # noqa: PLC0415

@@ -9,6 +9,14 @@ test may want to get wrong on purpose can be overridden (`flags=`, `proto_name=`
 for strings, `length=` for the remaining length). `RawClient` reads with a deadline on every
 call, so no test can hang on a silent broker.
 
+No test waits for a quiet interval to conclude that nothing (more) is coming. A broker handles
+the packets of one connection in order and writes to one connection in order, so a PINGREQ
+sent now is answered after everything it had already queued for us: `expect_nothing()` and
+`collect_publishes()` send one and read up to its PINGRESP. What another connection sent must
+have been handled by then: wait for its acknowledgement, its close, or its own PINGRESP
+(`is_open()`) first. Deadlines are for what must arrive, and generous (a loaded machine
+passes); a passing test never waits for one to run out.
+
 Typical use::
 
     c = RawClient(broker.port)
@@ -37,8 +45,7 @@ TYPE_NAMES = {
     13: "PINGRESP", 14: "DISCONNECT", 15: "RESERVED15",
 }
 
-DEFAULT_TIMEOUT = 2.0  # for data that must arrive
-QUIET_TIMEOUT = 0.3  # for "nothing arrives" checks (loopback: replies take milliseconds)
+DEFAULT_TIMEOUT = 10.0  # for data that must arrive; the wait ends when it does
 
 
 # --- encoding primitives ------------------------------------------------------------------
@@ -348,15 +355,35 @@ class RawClient:
             raise AssertionError(f"expected a PUBLISH, got {describe(pkt.raw)}")
         return parse_publish(pkt)
 
-    def expect_nothing(self, timeout: float = QUIET_TIMEOUT, what: str = "") -> None:
-        """Assert that no byte arrives within `timeout` and the connection stays open."""
+    def until_pingresp(self, timeout: float = DEFAULT_TIMEOUT, limit: int = 10_000) -> list[Packet]:
+        """Send PINGREQ; return every packet received before its PINGRESP: all the broker had
+        queued for this connection so far (see the module docstring)."""
+        self.send(pingreq())
         deadline = time.monotonic() + timeout
-        while not self.buf and self._fill(deadline):
-            pass
+        got: list[Packet] = []
+        while len(got) <= limit:
+            try:
+                pkt = self.recv_packet(max(0.0, deadline - time.monotonic()))
+            except AssertionError as e:
+                before = " + ".join(describe(p.raw) for p in got) or "<nothing>"
+                raise AssertionError(f"no PINGRESP for our PINGREQ: {e}; received before: {before}") from None
+            if pkt.raw == pingresp():
+                return got
+            got.append(pkt)
+        raise AssertionError(f"more than {limit} packets before the PINGRESP")
+
+    def expect_nothing(self, what: str = "") -> None:
+        """Assert the broker has nothing (more) to send us and keeps the connection open: the
+        PINGRESP to a PINGREQ sent now is the next packet (see the module docstring)."""
+        prefix = what + ": " if what else ""
         if self.buf:
-            raise AssertionError(f"{what + ': ' if what else ''}expected nothing, received {describe(self.buf)}")
-        if self.eof:
-            raise AssertionError(f"{what + ': ' if what else ''}expected nothing, but the broker closed the connection")
+            raise AssertionError(f"{prefix}expected nothing, received {describe(self.buf)}")
+        try:
+            got = self.until_pingresp()
+        except AssertionError as e:
+            raise AssertionError(f"{prefix}expected nothing and the connection open: {e}") from None
+        if got:
+            raise AssertionError(f"{prefix}expected nothing, received {' + '.join(describe(p.raw) for p in got)}")
 
     def expect_closed(self, timeout: float = DEFAULT_TIMEOUT, what: str = "") -> None:
         """Assert the broker closes the connection (EOF or reset) within `timeout`, sending no
@@ -454,29 +481,11 @@ class RawClient:
         self.close()
 
 
-def collect_publishes(clients: list[RawClient], quiet: float = QUIET_TIMEOUT, limit: float = 5.0) -> list[list[Pub]]:
-    """Read from every client at once until none has received anything for `quiet` seconds
-    (at most `limit`); returns each client's PUBLISH packets in arrival order. Any other
-    packet fails the test."""
-    got: list[list[Pub]] = [[] for _ in clients]
-    end = time.monotonic() + limit
-    last = time.monotonic()
-    while True:
-        for i, c in enumerate(clients):
-            while (r := split_packet(c.buf)) is not None:
-                c.buf = c.buf[r[1]:]
-                got[i].append(parse_publish(r[0]))
-        wait = min(last + quiet, end) - time.monotonic()
-        open_socks = [c.sock for c in clients if not c.eof]
-        if wait <= 0 or not open_socks:
-            return got
-        ready, _, _ = select.select(open_socks, [], [], wait)
-        if not ready:
-            return got
-        for c in clients:
-            if c.sock in ready:
-                c._fill(time.monotonic() + 0.05)
-        last = time.monotonic()
+def collect_publishes(clients: list[RawClient]) -> list[list[Pub]]:
+    """Each client's PUBLISH packets the broker has sent or queued so far, in arrival order,
+    read up to the PINGRESP of a PINGREQ (see the module docstring: the publishers' packets
+    must have been handled first). Any other packet fails the test."""
+    return [[parse_publish(p) for p in c.until_pingresp()] for c in clients]
 
 
 def check_each(cases, check) -> None:

@@ -309,6 +309,16 @@ def _str_at(view: memoryview, pos: int, end: int) -> tuple[str, int]:
     return text, pos
 
 
+def _payload_field(read, view: memoryview, pos: int, end: int, what: str, rule: str):
+    """A CONNECT payload field its flag announces: missing or cut short breaks `rule`."""
+    try:
+        return read(view, pos, end)
+    except MalformedPacket as e:
+        if e.rule is not None:  # present but ill-formed (UTF-8): that rule stands
+            raise
+        raise MalformedPacket(f"{what} announced by its flag is missing or cut short", rule) from None
+
+
 def _decode_connect(flags: int, view: memoryview, pos: int, end: int) -> Connect:
     raw_name, pos = _field_at(view, pos, end)
     name = bytes(raw_name)
@@ -346,18 +356,20 @@ def _decode_connect(flags: int, view: memoryview, pos: int, end: int) -> Connect
     client_id, pos = _str_at(view, pos + 4, end)
     will = None
     if has_will:
-        will_topic, pos = _str_at(view, pos, end)
+        will_topic, pos = _payload_field(_str_at, view, pos, end, "Will Topic", "MQTT-3.1.2-9")
         validate_topic_name(will_topic)
-        will_payload, pos = _field_at(view, pos, end)
+        will_payload, pos = _payload_field(_field_at, view, pos, end, "Will Message", "MQTT-3.1.2-9")
         will = Will(will_topic, bytes(will_payload), will_qos, will_retain)
     username = password = None
     if connect_flags & 0x80:
-        username, pos = _str_at(view, pos, end)
+        username, pos = _payload_field(_str_at, view, pos, end, "User Name", "MQTT-3.1.2-19")
     if connect_flags & 0x40:
-        raw_password, pos = _field_at(view, pos, end)
+        raw_password, pos = _payload_field(_field_at, view, pos, end, "Password", "MQTT-3.1.2-21")
         password = bytes(raw_password)
     if pos != end:
-        raise MalformedPacket("trailing bytes after the CONNECT payload")
+        # A field the flags do not announce: a user name [MQTT-3.1.2-18], else a password [-20].
+        rule = "MQTT-3.1.2-18" if not connect_flags & 0x80 else "MQTT-3.1.2-20" if not connect_flags & 0x40 else None
+        raise MalformedPacket("trailing bytes after the CONNECT payload", rule or "MQTT-3.1.3-1")
     return Connect(
         client_id, bool(connect_flags & 0x02), keep_alive, will, username, password,
         name.decode(), level,

@@ -11,6 +11,7 @@ from tests.mqttraw import (
     RawClient,
     assert_serves_new_client,
     client,
+    disconnect,
     frame,
     publish,
     puback,
@@ -60,20 +61,13 @@ def test_max_connections_refuses_beyond_limit(broker_factory):
                 third.send(b"\x10")  # the refusal may already have reset the connection
             except OSError:
                 pass
-            assert third.read_until_closed(timeout=2.0) == b"", "the third connection was served"
+            assert third.read_until_closed() == b"", "the third connection was served"
         assert one.is_open() and two.is_open()
-        two.disconnect()
-        deadline = time.monotonic() + 2.0
-        while True:  # the broker notices the close asynchronously
-            with RawClient(b.port) as again:
-                try:
-                    again.connect_ok("mc3")
-                    assert again.is_open()
-                    break
-                except (AssertionError, OSError):
-                    if time.monotonic() > deadline:
-                        raise AssertionError("no connection accepted after one of two closed") from None
-            time.sleep(0.05)
+        two.send(disconnect())
+        two.expect_closed(what="DISCONNECT")  # the broker has closed it: the slot is free
+        with RawClient(b.port) as again:
+            again.connect_ok("mc3")
+            assert again.is_open()
     finally:
         one.close()
         two.close()
@@ -127,7 +121,7 @@ def test_max_queued_messages_drops_and_counts_overflow(broker_factory):
         assert got == [b"0", b"1", b"2"]
         c.expect_nothing(what="more than max_queued_messages were kept")
     with client(b.port, "mq-stats", subs=[("$SYS/broker/publish/messages/dropped", 0)]) as st:
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + 10.0
         value = None
         while time.monotonic() < deadline and value != b"4":
             value = st.recv_publish(timeout=max(0.1, deadline - time.monotonic())).payload
@@ -145,12 +139,9 @@ def test_max_queued_messages_online_client_behind_inflight_window(broker_factory
             p.send(publish("mqo/t", b"%d" % i, qos=1, mid=i + 1))
             p.expect(puback(i + 1))
         got = []
-        m = s.recv_publish()
-        while True:
+        for _ in range(3):  # each PUBACK frees the window for the next queued one
+            m = s.recv_publish()
             got.append(m.payload)
             s.send(puback(m.mid))
-            try:
-                m = s.recv_publish(timeout=0.3)
-            except AssertionError:
-                break
         assert got == [b"0", b"1", b"2"], got
+        s.expect_nothing(what="more than 1 in flight + 2 queued were kept")

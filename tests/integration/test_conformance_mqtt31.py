@@ -3,20 +3,8 @@ from 3.1.1 on the wire. Black-box over raw sockets, against iot-broker and Mosqu
 
 from __future__ import annotations
 
-import pytest
 
 from tests.mqttraw import RawClient, connack, connect
-from tests.support import Mosquitto
-
-
-@pytest.fixture(params=["iot-broker", "mosquitto"])
-def any_broker(request, tmp_path):
-    if request.param == "iot-broker":
-        yield request.getfixturevalue("broker").port
-    else:
-        m = Mosquitto(tmp_path).start()
-        yield m.port
-        m.stop()
 
 
 def test_mqtt31_connack_never_sets_session_present(any_broker):

@@ -10,20 +10,10 @@ import subprocess
 
 import pytest
 
-from tests.integration.test_ingest_worker import BROKER_LIMITS, Node, publish, reading, start_ingest
-from tests.support import Mosquitto, wait_for
+from tests.integration.test_ingest_worker import Node, publish, reading, start_ingest
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(params=["iot-broker", "mosquitto"])
-def broker_port(request, tmp_path, broker_factory):
-    if request.param == "iot-broker":
-        yield broker_factory(BROKER_LIMITS).port
-    else:
-        m = Mosquitto(tmp_path).start()
-        yield m.port
-        m.stop()
 
 
 def mosquitto_pub(port: int, topic: str, payload: bytes, retain: bool) -> None:
@@ -38,20 +28,20 @@ def connects(proc) -> int:
 
 @pytest.mark.parametrize("retain", [False, True], ids=["live", "retained"])
 @pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
-def test_a_qos0_message_is_handled_once_and_the_worker_stays_connected(broker_port, daemon, tmp_path, retain, signed):
-    node = Node(tmp_path, broker_port)
+def test_a_qos0_message_is_handled_once_and_the_worker_stays_connected(any_broker, daemon, tmp_path, retain, signed):
+    node = Node(tmp_path, any_broker)
     try:
         payload = reading(0, run="q0") if signed else b"hello"
         if retain:  # there before the worker: it comes with the SUBSCRIBE
-            mosquitto_pub(broker_port, "sensors/x", payload, retain=True)
+            mosquitto_pub(any_broker, "sensors/x", payload, retain=True)
         proc, _ = start_ingest(daemon, node)
         if not retain:
-            mosquitto_pub(broker_port, "sensors/x", payload, retain=False)
+            mosquitto_pub(any_broker, "sensors/x", payload, retain=False)
         # A QoS 1 reading after it: the worker handles messages in order, so once this one
         # has landed the QoS 0 message was handled (and any reconnect it caused has begun).
-        publish(broker_port, [reading(1, run="marker")])
+        publish(any_broker, [reading(1, run="marker")])
         wait_for(lambda: "marker-1" in node.rows(), 30, 0.1, what="the marker row")
-        publish(broker_port, [reading(2, run="marker")])
+        publish(any_broker, [reading(2, run="marker")])
         wait_for(lambda: "marker-2" in node.rows(), 30, 0.1, what="the second marker row")
 
         def check() -> None:
@@ -69,10 +59,10 @@ def test_a_qos0_message_is_handled_once_and_the_worker_stays_connected(broker_po
             # in the DLQ (or the database) already, and stays there once.
             proc.kill()
             proc2, _ = start_ingest(daemon, node)
-            publish(broker_port, [reading(3, run="marker")])
+            publish(any_broker, [reading(3, run="marker")])
             wait_for(lambda: "marker-3" in node.rows(), 30, 0.1, what="the marker row after the restart")
             check()
             assert connects(proc2) == 1 and "disconnected from broker" not in proc2.log(), proc2.log()
-            mosquitto_pub(broker_port, "sensors/x", b"", retain=True)  # clear it
+            mosquitto_pub(any_broker, "sensors/x", b"", retain=True)  # clear it
     finally:
         node.close()

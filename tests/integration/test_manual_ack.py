@@ -14,17 +14,6 @@ from tests.support import Mosquitto, wait_for
 LOG = Log("test")
 
 
-@pytest.fixture(params=["iot-broker", "mosquitto"])
-def any_broker(request, tmp_path):
-    """The port of a running broker: ours, then Mosquitto as the reference."""
-    if request.param == "iot-broker":
-        yield request.getfixturevalue("broker").port
-    else:
-        m = Mosquitto(tmp_path).start()
-        yield m.port
-        m.stop()
-
-
 def cfg(port: int) -> MqttConfig:
     return MqttConfig(port=port, reconnect_min=0.1, reconnect_max=0.5, keepalive=5)
 

@@ -77,7 +77,8 @@ def test_will_is_published_when_the_client_dies(mosquitto):
     assert w.wait_connected(10)
     child = subprocess.Popen([sys.executable, "-c", WILL_CHILD, str(mosquitto.port)], stdout=subprocess.PIPE)
     try:
-        assert child.stdout.readline() == b"up\n"
+        from tests.support import readline  # bounded: a child that hangs fails the test, not the run
+        assert readline(child.stdout, 20) == b"up\n"
         child.kill()  # ungraceful: no DISCONNECT, so the broker publishes the will
         child.wait(5)
         msg = inbox.get(timeout=10)

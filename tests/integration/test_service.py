@@ -128,3 +128,42 @@ def test_sighup_applies_the_log_level_and_names_what_needs_a_restart(daemon, tmp
     connect_once("quiet-again")  # still on the old port, and quiet again
     assert "client=quiet-again" not in proc.log()
     assert notify.messages.count("READY=1") >= 1 and any(m.startswith("RELOADING=1") for m in notify.drain(0.5))
+
+
+def test_a_supervisor_that_stops_reading_notify_messages_does_not_freeze_the_daemon(tmp_path):
+    """A datagram send blocks while the receiver's queue is full. The queue is filled before
+    the broker starts and never read: the broker must still serve clients and stop on SIGTERM."""
+    import socket as so
+
+    from tests.mqttraw import RawClient
+    from tests.support import BIN, Proc, free_port
+
+    path = str(tmp_path / "stuck.sock")
+    stuck = so.socket(so.AF_UNIX, so.SOCK_DGRAM)
+    stuck.bind(path)
+    filler = so.socket(so.AF_UNIX, so.SOCK_DGRAM)
+    filler.connect(path)
+    filler.setblocking(False)
+    for sent in range(100_000):
+        try:
+            filler.send(b"X=1")
+        except BlockingIOError:
+            break
+    assert 0 < sent < 100_000, "the receiver's queue never filled"
+    port = free_port()
+    cfg = tmp_path / "iot.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path / "var"}"\n[broker]\nhost = "127.0.0.1"\nport = {port}\n')
+    proc = Proc([str(BIN / "iot-broker"), "--config", str(cfg)], workdir=tmp_path, name="broker",
+                env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"}).start()
+    try:
+        wait_for(lambda: "ready" in proc.log() or not proc.running(), 30, what="the broker's ready line")
+        for i in range(3):  # each connect is a pass of the loop that also pings the watchdog
+            with RawClient(port) as c:
+                c.connect_ok(f"alive-{i}")
+                c.disconnect()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, proc.log()
+    finally:
+        proc.stop()
+        stuck.close()
+        filler.close()

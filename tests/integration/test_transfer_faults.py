@@ -17,7 +17,7 @@ from daemons.mqttclient import MqttClient
 from daemons.service import Log
 from tests.support import wait_for
 
-from .test_transfer_support import Pair, any_broker, proxies  # noqa: F401 - fixtures
+from .test_transfer_support import Pair, proxies  # noqa: F401 - fixtures
 
 MiB = 1024 * 1024
 SLOW = 400_000  # bytes/s: a 1 MiB file takes about 2.5 s, time enough to hit it mid-way

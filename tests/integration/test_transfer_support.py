@@ -138,14 +138,6 @@ def _logged(value: str) -> str:
     return value
 
 
-@pytest.fixture(params=["ours", "mosquitto"])
-def any_broker(request):
-    """The port of our broker, then of Mosquitto: the code must work with any broker."""
-    if request.param == "ours":
-        return request.getfixturevalue("broker").port
-    return request.getfixturevalue("mosquitto").port
-
-
 @pytest.fixture
 def proxies():
     started: list[FaultProxy] = []

@@ -475,10 +475,12 @@ def test_mqtt_3_1_2_22_password_without_user_name():
 )
 def test_mqtt_3_1_3_1_payload_fields_must_match_flags(flags, payload, rule):
     """[MQTT-3.1.3-1] [MQTT-3.1.2-9] [MQTT-3.1.2-18] [MQTT-3.1.2-19] [MQTT-3.1.2-20] [MQTT-3.1.2-21]
-    [MQTT-3.1.4-1] Payload fields are present exactly when their flag says so."""
+    [MQTT-3.1.4-1] Payload fields are present exactly when their flag says so; the error names
+    the statement broken."""
     exc = decode_error(connect_bytes(flags, payload))
     assert isinstance(exc, MalformedPacket), (rule, exc)
     assert exc.connack is None
+    assert exc.rule == rule, exc
 
 
 @pytest.mark.parametrize(("topic", "rule"), [("a/+", "MQTT-4.7.1-1"), ("#", "MQTT-4.7.1-1"), ("", "MQTT-4.7.3-1")])
