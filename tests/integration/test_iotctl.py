@@ -1,12 +1,10 @@
 """iotctl pub/sub against a real Mosquitto: options and exit codes scripts rely on."""
 
-import select
 import subprocess
-import time
 
 import pytest
 
-from tests.support import BIN, free_port, wait_for
+from tests.support import BIN, free_port, read_until
 
 IOTCTL = str(BIN / "iotctl")
 
@@ -19,17 +17,11 @@ def start_sub(port: int, *args: str) -> subprocess.Popen:
     """Start `iotctl sub -d` and return once its SUBACK is logged: from then on nothing is missed."""
     sub = subprocess.Popen([IOTCTL, "sub", "-d", "-p", str(port), *args], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    seen = b""
-    while b"subscribed" not in seen:
-        ready, _, _ = select.select([sub.stderr], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            sub.kill()
-            raise AssertionError(f"iotctl sub not subscribed within 10s: {seen!r}")
-        line = sub.stderr.readline()
-        if not line:
-            raise AssertionError(f"iotctl sub exited: {seen!r}")
-        seen += line
+    try:
+        read_until(sub.stderr, b"subscribed", timeout=10)
+    except AssertionError:
+        sub.kill()
+        raise
     return sub
 
 

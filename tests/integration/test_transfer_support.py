@@ -123,9 +123,13 @@ class Pair:
     def assert_once(self, name: str) -> None:
         done = [r for r in self.tx.records("done") if r.get("stored_as") == name]
         assert len(done) == 1, f"{len(done)} completion records for {name}: {done}"
-        lines = [ln for ln in self.logs(self.senders).splitlines()
-                 if re.search(r"iot-transfer-send: sent .*stored_as=" + re.escape(_logged(name)) + r"$", ln)]
-        assert len(lines) == 1, f"{len(lines)} 'sent' log lines for {name}:\n" + "\n".join(lines)
+        def lines() -> list[str]:
+            return [ln for ln in self.logs(self.senders).splitlines()
+                    if re.search(r"iot-transfer-send: sent .*stored_as=" + re.escape(_logged(name)) + r"$", ln)]
+
+        # The line follows the journal's record (written first, so it is never lost): wait for it.
+        wait_for(lines, 10, what=f"the 'sent' log line for {name}")
+        assert len(lines()) == 1, f"{len(lines())} 'sent' log lines for {name}:\n" + "\n".join(lines())
 
     def retries(self, name: str) -> int:
         return sum(r["retries"] for r in self.tx.records("done") if r.get("stored_as") == name)
