@@ -99,6 +99,10 @@ class BrokerConfig:
     # Deliberately above Mosquitto's 1000: a persistent consumer (iot-ingest) that is down for a
     # while must not lose what the broker already acknowledged to its publishers.
     max_queued_messages: int = field(default=100_000, metadata=_range(0, 10_000_000))
+    # When a subscriber's queue is full: "block" holds the publisher's QoS 1/2 PUBLISH back,
+    # unacknowledged, until there is room (TCP pushes back; nothing acknowledged is lost);
+    # "drop" acknowledges it and drops it for that subscriber, counted (Mosquitto's way).
+    queue_full: str = field(default="block", metadata=_choices("block", "drop"))
     # Seconds between $SYS/broker/... updates; 0 turns them off.
     sys_interval: float = field(default=10.0, metadata=_range(0, 86400))
     allow_zero_length_clientid: bool = True

@@ -21,6 +21,16 @@ Routing: the subscription tree maps a topic to {session: highest granted QoS}; e
 gets the message once at min(published QoS, granted QoS) [MQTT-3.3.5-1]. Messages a client
 publishes are routed before the PUBACK/PUBREC goes back, so an acknowledged message is
 already in every subscriber's window or queue.
+
+Flow control, not loss (`queue_full = "block"`, the default): a QoS 1/2 PUBLISH is accepted
+only if every session owed it at QoS 1/2 can take it (`Session.can_take`). Otherwise
+`handle()` returns False and acknowledges nothing: the transport holds that PUBLISH, and what
+the client sends after it, and stops reading from it once it holds too much, so TCP pushes
+back on the publisher. The connection waits in each full session's `waiters`; an
+acknowledgement that frees room there calls its `retry_held()`, and the transport hands the
+held packets in again, in order. A publisher is only held by the subscribers of what it
+publishes: others, on other topics, go on. With `queue_full = "drop"` the message is
+acknowledged and dropped for a full session, counted (Mosquitto's behaviour).
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ class Stats:
     publish_received: int = 0
     publish_sent: int = 0
     publish_dropped: int = 0
+    publish_held: int = 0  # QoS 1/2 PUBLISHes held back (not acknowledged yet) for a full queue
     bytes_received: int = 0
     bytes_sent: int = 0
     connections_total: int = 0
@@ -76,6 +87,7 @@ class Limits:
     max_inflight: int = 20
     max_queued: int = 100_000
     allow_zero_length_clientid: bool = True
+    queue_full: str = "block"  # or "drop"
 
 
 class Broker:
@@ -92,10 +104,10 @@ class Broker:
         self._auto_id = itertools.count(1)
         self._handlers = {
             Publish: self._publish,
-            Puback: lambda conn, p: conn.session.puback(p.packet_id),
+            Puback: self._puback,
             Pubrec: lambda conn, p: conn.session.pubrec(p.packet_id),
             Pubrel: self._pubrel,
-            Pubcomp: lambda conn, p: conn.session.pubcomp(p.packet_id),
+            Pubcomp: self._pubcomp,
             Subscribe: self._subscribe,
             Unsubscribe: self._unsubscribe,
             Pingreq: lambda conn, p: conn.send(PINGRESP),
@@ -172,37 +184,83 @@ class Broker:
 
     # packets ---------------------------------------------------------------------------------
 
-    def handle(self, conn, pkt) -> None:
+    def handle(self, conn, pkt) -> bool:
+        """Handle one packet. False: a PUBLISH that cannot be taken yet (see flow control); the
+        caller holds it, hands it in again after `conn.retry_held()`, and it is counted then."""
+        if self._handlers[type(pkt)](conn, pkt) is False:
+            return False
         self.stats.messages_received += 1
-        self._handlers[type(pkt)](conn, pkt)
+        return True
 
-    def _publish(self, conn, pkt: Publish) -> None:
+    def _publish(self, conn, pkt: Publish) -> bool:
         qos = pkt.qos
+        session: Session = conn.session
+        if qos == 2 and pkt.packet_id in session.incoming_qos2:
+            conn.send(b"\x50\x02" + pkt.packet_id.to_bytes(2, "big"))  # PUBREC again, not routed again
+            return True
+        routed = not pkt.topic.startswith("$SYS/")  # only the broker publishes statistics
+        if routed:
+            matches = self.tree.match(pkt.topic)
+            if qos and self.limits.queue_full == "block" and not self._room(conn, matches):
+                return False
         self.stats.publish_received += 1
         if qos == 2:
-            session: Session = conn.session
-            if pkt.packet_id in session.incoming_qos2:
-                conn.send(b"\x50\x02" + pkt.packet_id.to_bytes(2, "big"))  # PUBREC again, not routed again
-                return
             session.incoming_qos2.add(pkt.packet_id)
-        if not pkt.topic.startswith("$SYS/"):  # only the broker publishes statistics
-            self.publish(Message(pkt.topic, pkt.payload, qos, pkt.retain))
+        if routed:
+            self.publish(Message(pkt.topic, pkt.payload, qos, pkt.retain), matches)
         if qos == 1:
             conn.send(b"\x40\x02" + pkt.packet_id.to_bytes(2, "big"))
         elif qos == 2:
             conn.send(b"\x50\x02" + pkt.packet_id.to_bytes(2, "big"))
+        return True
+
+    def _room(self, conn, matches: dict[Session, int]) -> bool:
+        """Can every session owed this message at QoS 1/2 take it? If not, `conn` waits on
+        each full one."""
+        full = [s for s, granted in matches.items() if granted and not s.can_take()]
+        if not full:
+            return True
+        for s in full:
+            s.waiters.add(conn)
+        before = self.stats.publish_held
+        self.stats.publish_held += 1
+        if before % 1000 == 0:  # the first and one line per 1000: a stuck consumer cannot flood the log
+            self.log.warning("publisher held back: a subscriber's queue is full (queue_full = block)",
+                             client=conn.session.client_id, waiting_for=full[0].client_id,
+                             queued=len(full[0].queue), held_total=self.stats.publish_held)
+        return False
+
+    def _puback(self, conn, pkt: Puback) -> None:
+        session: Session = conn.session
+        session.puback(pkt.packet_id)
+        if session.waiters:
+            self._wake(session)
+
+    def _pubcomp(self, conn, pkt: Pubcomp) -> None:
+        session: Session = conn.session
+        session.pubcomp(pkt.packet_id)
+        if session.waiters:
+            self._wake(session)
+
+    def _wake(self, session: Session) -> None:
+        if session.can_take():
+            waiters, session.waiters = session.waiters, set()
+            for conn in waiters:
+                conn.retry_held()
 
     def _pubrel(self, conn, pkt: Pubrel) -> None:
         conn.session.incoming_qos2.discard(pkt.packet_id)
         conn.send(b"\x70\x02" + pkt.packet_id.to_bytes(2, "big"))  # PUBCOMP even for an unknown id
 
-    def publish(self, msg: Message) -> None:
+    def publish(self, msg: Message, matches: dict[Session, int] | None = None) -> None:
         """Store if retained, then deliver to every matching session once."""
         if msg.retain:
             self.retained.set(msg.topic, msg.payload, msg.qos)
         qos = msg.qos
         sent = dropped = 0
-        for session, granted in self.tree.match(msg.topic).items():
+        if matches is None:
+            matches = self.tree.match(msg.topic)
+        for session, granted in matches.items():
             if session.deliver(msg, granted if granted < qos else qos):
                 sent += 1
             else:
@@ -258,6 +316,7 @@ class Broker:
             "$SYS/broker/publish/messages/received": str(s.publish_received),
             "$SYS/broker/publish/messages/sent": str(s.publish_sent),
             "$SYS/broker/publish/messages/dropped": str(s.publish_dropped),
+            "$SYS/broker/publish/messages/held": str(s.publish_held),
             "$SYS/broker/bytes/received": str(s.bytes_received),
             "$SYS/broker/bytes/sent": str(s.bytes_sent),
             "$SYS/broker/retained messages/count": str(len(self.retained)),
@@ -272,7 +331,8 @@ class Broker:
     def summary(self) -> str:
         s = self.stats
         return (f"clients={self.connected} sessions={len(self.sessions)} msgs_in={s.publish_received} "
-                f"msgs_out={s.publish_sent} dropped={s.publish_dropped} retained={len(self.retained)}")
+                f"msgs_out={s.publish_sent} dropped={s.publish_dropped} held={s.publish_held} "
+                f"retained={len(self.retained)}")
 
 
 __all__ = ["Broker", "Limits", "Message", "Stats", "Will"]

@@ -16,6 +16,14 @@ task publishes $SYS/broker/... every `sys_interval` seconds.
 
 A protocol error closes only that connection (after a CONNACK with a return code where the
 spec asks for one); the close is ungraceful, so the client's will is published.
+
+Flow control (core.py): when the core cannot take a PUBLISH yet, the connection keeps it in
+`held`, with every later packet except acknowledgements and pings, which are still handled
+(a client subscribed to what it publishes must be able to free its own queue). Past
+HELD_PACKETS packets or HELD_BYTES of payload it stops reading from the socket: TCP pushes
+back on the publisher. `retry_held()` (an acknowledgement freed room) and the sweep hand the
+held packets to the core again, in order, and reading resumes once none is left. A held
+connection is not timed out for keep-alive: its silence is ours.
 """
 
 from __future__ import annotations
@@ -30,19 +38,27 @@ import time
 from .. import service
 from ..config import BrokerConfig
 from ..service import Exit, Log, Service
+from collections import deque
+
 from .core import Broker, Limits
-from .packets import Connack, ProtocolError, Reader, encode
+from .packets import Connack, Pingreq, ProtocolError, Puback, Pubcomp, Publish, Pubrec, Pubrel, Reader, encode
 
 # Per-connection output buffered in the kernel and asyncio beyond which QoS 0 messages to that
 # client are dropped (and counted) rather than held in memory without bound.
 WRITE_HIGH_WATER = 1024 * 1024
 SWEEP_INTERVAL = 1.0
+# A held connection stops reading past this many packets or payload bytes held.
+HELD_PACKETS = 1000
+HELD_BYTES = 1024 * 1024
+# Handled even while a PUBLISH is held: they free room, they never need any.
+PASS_WHILE_HELD = (Puback, Pubrec, Pubrel, Pubcomp, Pingreq)
 
 
 class Connection(asyncio.Protocol):
     __slots__ = (
         "srv", "broker", "stats", "reader", "transport", "session", "will", "keepalive",
         "last_rx", "opened", "out", "flush_scheduled", "closing", "paused", "peer", "loop",
+        "held", "held_bytes", "reading", "retry_scheduled",
     )
 
     def __init__(self, srv: Server):
@@ -61,6 +77,10 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.peer = "?"
         self.loop = srv.loop
+        self.held: deque = deque()
+        self.held_bytes = 0
+        self.reading = True
+        self.retry_scheduled = False
 
     # asyncio.Protocol ------------------------------------------------------------------------
 
@@ -83,31 +103,59 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         self.stats.bytes_received += len(data)
-        reader = self.reader
-        reader.feed(data)
+        self.reader.feed(data)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand the core what was read, in order: first what is held, then the reader's packets."""
+        self.retry_scheduled = False
+        held, reader, broker = self.held, self.reader, self.broker
         try:
-            while not self.closing:
+            while held and not self.closing:
+                pkt = held[0]
+                if not broker.handle(self, pkt):
+                    break
+                held.popleft()
+                if type(pkt) is Publish:
+                    self.held_bytes -= len(pkt.payload)
+            while not self.closing and (not held or (len(held) < HELD_PACKETS and self.held_bytes < HELD_BYTES)):
                 pkt = reader.next_packet()
                 if pkt is None:
-                    return
+                    break
                 # Only a complete packet counts as activity [MQTT-3.1.2-24]: a byte trickle
                 # must not hold a connection open forever.
                 self.last_rx = time.monotonic()
                 if self.session is None:
-                    if not self.broker.connect(self, pkt):
+                    if not broker.connect(self, pkt):
                         self.close()
                         return
                     if self.srv.log.is_debug():
                         self.srv.log.debug("client connected", client=self.session.client_id, peer=self.peer,
                                            clean=int(pkt.clean_session), keepalive=pkt.keep_alive)
-                else:
-                    self.broker.handle(self, pkt)
+                elif (held and type(pkt) not in PASS_WHILE_HELD) or not broker.handle(self, pkt):
+                    held.append(pkt)
+                    if type(pkt) is Publish:
+                        self.held_bytes += len(pkt.payload)
         except ProtocolError as e:
             if e.connack is not None and self.session is None:
                 self.send(encode(Connack(False, e.connack)))
             self.srv.log.info("protocol error; closing connection", peer=self.peer, client=self.client_id,
                               error=str(e), rule=e.rule or "-")
             self.close()
+            return
+        full = bool(held) and (len(held) >= HELD_PACKETS or self.held_bytes >= HELD_BYTES)
+        if full == self.reading and self.transport is not None and not self.closing:
+            self.reading = not full
+            if full:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def retry_held(self) -> None:
+        """Called by the core when a session this connection waits for has room again."""
+        if not self.retry_scheduled and not self.closing:
+            self.retry_scheduled = True
+            self.loop.call_soon(self._pump)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -163,7 +211,7 @@ class Server:
     def __init__(self, cfg: BrokerConfig, log: Log, loop: asyncio.AbstractEventLoop):
         self.cfg, self.log, self.loop = cfg, log, loop
         self.broker = Broker(log, Limits(cfg.max_inflight_messages, cfg.max_queued_messages,
-                                         cfg.allow_zero_length_clientid))
+                                         cfg.allow_zero_length_clientid, cfg.queue_full))
         self.conns: set[Connection] = set()
         self.refused = 0
 
@@ -177,6 +225,8 @@ class Server:
                 if now - c.opened > timeout:
                     self.log.info("no CONNECT in time; closing", peer=c.peer, timeout=timeout)
                     c.close()
+            elif c.held:
+                c.retry_held()  # a session it waits for may have gone (unsubscribed, ended)
             elif c.keepalive and now - c.last_rx > 1.5 * c.keepalive:
                 self.log.info("keep-alive expired; closing", client=c.client_id, keepalive=c.keepalive)
                 c.close()

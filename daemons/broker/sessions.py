@@ -6,9 +6,16 @@ Theory of operation
 
 A Session outlives its network connection when clean_session=0. While attached to a
 connection (`conn` is not None) messages go out at once up to `max_inflight` unacknowledged
-QoS 1/2 messages; the rest wait in `queue`, bounded by `max_queued` (overflow is dropped and
-counted, never silently). While detached, QoS 1/2 messages for its subscriptions queue the
-same way and QoS 0 messages are not kept (as Mosquitto's default).
+QoS 1/2 messages; the rest wait in `queue`, bounded by `max_queued`. While detached, QoS 1/2
+messages for its subscriptions queue the same way and QoS 0 messages are not kept (as
+Mosquitto's default).
+
+A full queue is the core's to prevent: with `queue_full = "block"` it asks `can_take()`
+before it accepts a QoS 1/2 PUBLISH, and holds the PUBLISH back (the publishing connection
+is registered in `waiters` and retried when an acknowledgement frees room) instead of
+acknowledging a message it cannot keep. `deliver()` past the bound drops and counts: that is
+`queue_full = "drop"` (Mosquitto's behaviour), and what happens to the broker's own messages
+(wills, retained messages sent on SUBSCRIBE), which no publisher waits for.
 
 Outgoing states per packet id, kept in `inflight` in send order (a dict keeps it):
 
@@ -78,7 +85,7 @@ class Outgoing:
 class Session:
     __slots__ = (
         "client_id", "clean", "conn", "will", "subscriptions", "inflight", "queue",
-        "incoming_qos2", "max_inflight", "max_queued", "dropped", "_next_pid",
+        "incoming_qos2", "max_inflight", "max_queued", "dropped", "waiters", "_next_pid",
     )
 
     def __init__(self, client_id: str, clean: bool, max_inflight: int, max_queued: int):
@@ -93,12 +100,18 @@ class Session:
         self.max_inflight = max_inflight
         self.max_queued = max_queued
         self.dropped = 0
+        self.waiters: set = set()  # connections holding a PUBLISH until this session has room
         self._next_pid = 0
 
     def __repr__(self) -> str:
         return f"<Session {self.client_id!r} clean={self.clean} online={self.conn is not None}>"
 
     # delivery --------------------------------------------------------------------------------
+
+    def can_take(self) -> bool:
+        """Room for one more QoS 1/2 message: in the window now, or in the queue."""
+        return len(self.queue) < self.max_queued or (
+            self.conn is not None and len(self.inflight) < self.max_inflight and not self.queue)
 
     def deliver(self, msg: Message, qos: int, retain: bool = False) -> bool:
         """Send or queue `msg` at `qos`. False when it had to be dropped (queue full, QoS 0 to

@@ -19,6 +19,10 @@ class Link:
         self.session = self.will = None
         self.keepalive = 0
         self.backlog: list = []
+        self.retries = 0
+
+    def retry_held(self) -> None:  # the transport would hand its held PUBLISH in again
+        self.retries += 1
 
     def send(self, data: bytes) -> None:
         self.sent.append(data)
@@ -150,8 +154,8 @@ def test_zero_length_client_id_rules():
     assert not strict.connect(link, p.Connect("", clean_session=True))
 
 
-def test_queue_overflow_is_counted_not_silent():
-    b = Broker(Log("t"), Limits(max_inflight=1, max_queued=2))
+def test_queue_full_drop_policy_counts_what_it_drops():
+    b = Broker(Log("t"), Limits(max_inflight=1, max_queued=2, queue_full="drop"))
     sub, _ = connect(b, "s", clean=False)
     b.handle(sub, p.Subscribe(1, (("o", 1),)))
     b.closed(sub, graceful=False)
@@ -176,3 +180,38 @@ def test_retained_delivered_after_suback_with_retain_flag_at_granted_qos():
     assert (msg.topic, msg.payload, msg.retain, msg.qos) == ("r/a", b"v", True, 1)
     b.handle(pub, p.Publish("r/a", b"", 0, retain=True))
     assert len(b.retained) == 0
+
+
+def test_queue_full_block_policy_acknowledges_only_what_it_can_keep():
+    """queue_full = "block": a QoS 1 PUBLISH for a full queue is not acknowledged; the
+    publisher is told to retry when the subscriber's acknowledgements free room, and then the
+    same PUBLISH is taken and acknowledged. Nothing acknowledged is dropped."""
+    b = Broker(Log("t"), Limits(max_inflight=1, max_queued=2))
+    sub, _ = connect(b, "s", clean=False)
+    b.handle(sub, p.Subscribe(1, (("o", 1),)))
+    sub.packets()
+    pub, _ = connect(b, "pub")
+    taken = [b.handle(pub, p.Publish("o", b"%d" % i, 1, packet_id=i + 1)) for i in range(5)]
+    assert taken == [True, True, True, False, False]  # one in flight, two queued, then full
+    assert pub.packets() == [p.Puback(1), p.Puback(2), p.Puback(3)]
+    assert b.stats.publish_dropped == 0 and b.stats.publish_held == 2
+    got = sub.packets()
+    assert [x.payload for x in got] == [b"0"]
+    b.handle(sub, p.Puback(got[0].packet_id))  # room again: the held publisher is told
+    assert pub.retries == 1
+    assert b.handle(pub, p.Publish("o", b"3", 1, packet_id=4)) is True
+    assert pub.packets() == [p.Puback(4)]
+    received = [x.payload for x in sub.packets()]
+    assert received == [b"1"]
+
+
+def test_a_qos0_publish_or_an_unsubscribed_topic_is_never_held():
+    b = Broker(Log("t"), Limits(max_inflight=1, max_queued=0))
+    sub, _ = connect(b, "s", clean=False)
+    b.handle(sub, p.Subscribe(1, (("full", 1), ("q0", 0))))
+    pub, _ = connect(b, "pub")
+    assert b.handle(pub, p.Publish("full", b"a", 1, packet_id=1))  # into the window
+    assert b.handle(pub, p.Publish("full", b"b", 0))  # QoS 0: dropped for a full window, not held
+    assert b.handle(pub, p.Publish("q0", b"c", 1, packet_id=2))  # delivered at the granted QoS 0
+    assert b.handle(pub, p.Publish("other", b"d", 1, packet_id=3))  # nobody subscribed
+    assert not b.handle(pub, p.Publish("full", b"e", 1, packet_id=4))
