@@ -101,11 +101,13 @@ def test_max_inflight_messages_limits_unacknowledged_publishes(broker_factory):
         s.expect_nothing()
 
 
-def test_max_queued_messages_drops_and_counts_overflow(broker_factory):
-    """With max_queued_messages = 3 an offline persistent session keeps the first 3 QoS 1
-    messages and drops the other 4, which are counted ($SYS/broker/publish/messages/dropped)
-    and logged; on reconnect exactly the 3 kept messages arrive, in order."""
-    b = broker_factory("max_queued_messages = 3\nmax_inflight_messages = 1\nsys_interval = 0.5\n")
+def test_max_queued_messages_drops_and_counts_overflow_with_queue_full_drop(broker_factory):
+    """queue_full = "drop" (Mosquitto's behaviour): with max_queued_messages = 3 an offline
+    persistent session keeps the first 3 QoS 1 messages and drops the other 4, which are
+    counted ($SYS/broker/publish/messages/dropped) and logged; on reconnect exactly the 3 kept
+    messages arrive, in order."""
+    b = broker_factory("max_queued_messages = 3\nmax_inflight_messages = 1\nsys_interval = 0.5\n"
+                       'queue_full = "drop"\n')
     c = client(b.port, "mq", clean=False, subs=[("mq/t", 1)])
     c.disconnect()
     with client(b.port, "mq-pub") as p:
@@ -132,8 +134,8 @@ def test_max_queued_messages_drops_and_counts_overflow(broker_factory):
 def test_max_queued_messages_online_client_behind_inflight_window(broker_factory):
     """For a connected client the queue sits behind the in-flight window: with
     max_inflight_messages = 1 and max_queued_messages = 2, of 5 messages published while the
-    client does not acknowledge, 1 is sent, 2 are queued and 2 dropped."""
-    b = broker_factory("max_queued_messages = 2\nmax_inflight_messages = 1\n")
+    client does not acknowledge, 1 is sent, 2 are queued and 2 dropped (queue_full = "drop")."""
+    b = broker_factory('max_queued_messages = 2\nmax_inflight_messages = 1\nqueue_full = "drop"\n')
     with client(b.port, "mqo", subs=[("mqo/t", 1)]) as s, client(b.port, "mqo-pub") as p:
         for i in range(5):
             p.send(publish("mqo/t", b"%d" % i, qos=1, mid=i + 1))
@@ -145,3 +147,30 @@ def test_max_queued_messages_online_client_behind_inflight_window(broker_factory
             s.send(puback(m.mid))
         assert got == [b"0", b"1", b"2"], got
         s.expect_nothing(what="more than 1 in flight + 2 queued were kept")
+
+
+def test_a_full_queue_holds_the_publisher_back_unacknowledged_by_default(broker_factory):
+    """queue_full = "block" (the default): with max_queued_messages = 3 an offline persistent
+    session takes 3 QoS 1 messages; the 4th PUBLISH is not acknowledged (a ping round shows
+    nothing came before the PINGRESP) until the subscriber returns and acknowledges, and then
+    every one of the 7 is delivered, in order, and acknowledged to the publisher."""
+    b = broker_factory("max_queued_messages = 3\nmax_inflight_messages = 1\n")
+    c = client(b.port, "mqb", clean=False, subs=[("mqb/t", 1)])
+    c.disconnect()
+    with client(b.port, "mqb-pub") as p:
+        for i in range(7):
+            p.send(publish("mqb/t", b"%d" % i, qos=1, mid=i + 1))
+        for i in range(3):
+            p.expect(puback(i + 1))
+        assert p.until_pingresp() == [], "a PUBACK for a message the broker could not keep"
+        with client(b.port, "mqb", clean=False, session_present=True) as c:
+            got = []
+            for _ in range(7):
+                m = c.recv_publish()
+                got.append(m.payload)
+                c.send(puback(m.mid))
+            assert got == [b"%d" % i for i in range(7)]
+            for i in range(3, 7):
+                p.expect(puback(i + 1))
+            c.expect_nothing(what="a message twice")
+    assert "publisher held back" in b.proc.log() and "messages dropped" not in b.proc.log()

@@ -371,3 +371,24 @@ def test_worker_refuses_a_keys_file_others_can_read(daemon, tmp_path):
     os.chmod(node.keys, 0o644)
     proc, _ = daemon("iot-ingest", "--config", str(node.config), ready=False)
     assert proc.wait(15) == 78 and "chmod 600" in proc.log()
+
+
+def test_ingest_down_with_its_queue_full_holds_the_publishers_and_loses_nothing(broker_factory, daemon,
+                                                                                node_factory):
+    """The broker's queue for iot-ingest's persistent session fills while the worker is dead:
+    the broker holds the publishers back instead of acknowledging and dropping (it dropped
+    96,400 of 200,000 acknowledged messages once). Every message lands exactly once."""
+    n = 30_000
+    b = broker_factory("max_queued_messages = 5000\nsys_interval = 0\n")
+    node = node_factory(b.port)
+    proc, _ = start_ingest(daemon, node)
+    load = node.stress(n, "full", processes=4)
+    wait_for(lambda: node.count() >= 2000, 60, 0.02, what="2000 rows before the kill")
+    proc.kill()
+    wait_for(lambda: "publisher held back" in b.proc.log(), 60, what="the broker to hold the publishers back")
+    assert load.poll() is None  # the publishers wait: what is not acknowledged is not theirs to forget
+    start_ingest(daemon, node)
+    finish(load, n)
+    node.wait_rows(n, 120)
+    assert set(node.rows()) == stress_ids("full", n, 4)
+    assert "messages dropped" not in b.proc.log()
