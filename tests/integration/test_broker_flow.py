@@ -27,6 +27,20 @@ def client(port: int, cid: str, **kw) -> MqttClient:
     return c
 
 
+def receive_all(c: MqttClient, n: int, timeout: float = 60) -> list[bytes]:
+    """Take and acknowledge messages from a manual-ack client until `n` have come."""
+    got: list[bytes] = []
+
+    def step() -> bool:
+        batch = c.inbox.take(500)
+        got.extend(m.payload for _, m in batch)
+        c.ack(batch)
+        return len(got) >= n
+
+    wait_for(step, timeout, 0.01, what=f"{n} messages at {c.client_id}")
+    return got
+
+
 def sys_value(port: int, name: str) -> int:
     r = subprocess.run(["mosquitto_sub", "-p", str(port), "-t", f"$SYS/broker/{name}", "-C", "1", "-W", "10"],
                        capture_output=True, timeout=15, check=True)
@@ -44,15 +58,8 @@ def test_an_offline_subscriber_with_a_full_queue_holds_the_publisher_and_nothing
     wait_for(lambda: sum(i.is_published() for i in infos) >= 50, 20, what="50 PUBACKs")
     assert sum(i.is_published() for i in infos) == 50
     sub = client(b.port, "slow", clean_session=False, manual_ack=True, subscriptions=[("f/#", 1)])
-    got: list[bytes] = []
     try:
-        def take() -> bool:
-            batch = sub.inbox.take(100)
-            got.extend(m.payload for _, m in batch)
-            sub.ack(batch)
-            return len(got) >= 500
-
-        wait_for(take, 60, 0.01, what="all 500 messages at the subscriber")
+        got = receive_all(sub, 500)
         wait_for(lambda: all(i.is_published() for i in infos), 20, what="every PUBACK at the publisher")
         assert got == [b"%d" % i for i in range(500)]  # each once, in order
         assert sys_value(b.port, "publish/messages/dropped") == 0
@@ -76,15 +83,7 @@ def test_a_stuck_consumer_does_not_hold_publishers_of_other_topics(broker_factor
     p2 = client(b.port, "p2", max_inflight=100)
     try:
         infos = [p2.publish("live/x", b"%d" % i, 1) for i in range(2000)]
-        got: list[bytes] = []
-
-        def take() -> bool:
-            batch = live.inbox.take(500)
-            got.extend(m.payload for _, m in batch)
-            live.ack(batch)
-            return len(got) >= 2000
-
-        wait_for(take, 60, 0.01, what="p2's 2000 messages delivered while p1 is held")
+        got = receive_all(live, 2000)  # delivered while p1 is held
         wait_for(lambda: all(i.is_published() for i in infos), 20, what="p2's PUBACKs")
         assert got == [b"%d" % i for i in range(2000)]
         assert not all(i.is_published() for i in held)  # p1 still waits for the stuck consumer
