@@ -172,6 +172,7 @@ class Service:
             # message is dropped (sdnotify swallows the timeout); the next STATUS= follows.
             self._notifier.socket.settimeout(1.0)
         self._stop = threading.Event()
+        self._stop_requested = False
         self._reload = False
         self._async_stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -234,17 +235,20 @@ class Service:
         return self._stop.is_set()
 
     def request_stop(self, reason: str = "requested") -> None:
-        if self._stop.is_set():
+        if self._stop_requested:
             return
-        self._stop.set()
+        self._stop_requested = True
+        # Told and logged before the loop is woken: once it is, the process may exit at once,
+        # and this may run in the signal thread, which dies with it.
         self.notify("STOPPING=1")
         self.log.info("stopping", reason=reason)
-        if self._loop is not None and self._async_stop is not None:
-            self._loop.call_soon_threadsafe(self._async_stop.set)
         # A daemon that cannot finish its stop in time must not hang the host's shutdown.
         t = threading.Timer(STOP_GRACE, self._overdue)
         t.daemon = True
         t.start()
+        self._stop.set()
+        if self._loop is not None and self._async_stop is not None:
+            self._loop.call_soon_threadsafe(self._async_stop.set)
 
     def _overdue(self) -> None:
         self.log.error("graceful stop took longer than %gs; exiting" % STOP_GRACE)
