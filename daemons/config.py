@@ -44,6 +44,23 @@ def _choices(*values: str) -> dict[str, Any]:
     return {"choices": values}
 
 
+_EXPIRATION_UNITS = {"s": 1, "h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400, "y": 365 * 86400}
+
+
+def expiration_seconds(text: str) -> float:
+    """Mosquitto's persistent_client_expiration format: an integer and a unit, h (hours),
+    d (days), w (weeks), m (months of 30 days) or y (years of 365 days), e.g. "30d", and also
+    s (seconds), which Mosquitto does not take. "" and "0" mean never (returned as 0).
+    Raises ValueError saying what is expected."""
+    if text in ("", "0"):
+        return 0.0
+    number, unit = text[:-1], text[-1:]
+    if not number.isascii() or not number.isdigit() or unit not in _EXPIRATION_UNITS or int(number) == 0:
+        raise ValueError(f'expected a whole number and a unit s, h, d, w, m or y (e.g. "30d"), '
+                         f'or "" or "0" for never, got {text!r}')
+    return float(int(number) * _EXPIRATION_UNITS[unit])
+
+
 @dataclass(frozen=True, slots=True)
 class PathsConfig:
     # Daemons keep their state below this folder: outbox/, transfer/, dlq/, db/.
@@ -106,6 +123,25 @@ class BrokerConfig:
     # Seconds between $SYS/broker/... updates; 0 turns them off.
     sys_interval: float = field(default=10.0, metadata=_range(0, 86400))
     allow_zero_length_clientid: bool = True
+    # Limits against hostile or broken clients; each refusal is counted in $SYS/broker/limits/.
+    # Topic levels in a filter (SUBACK 0x80 past it) or a topic name (the connection is closed).
+    max_topic_levels: int = field(default=200, metadata=_range(1, 65535))
+    # Filters one session may hold; a new filter past it gets SUBACK 0x80.
+    max_subscriptions_per_client: int = field(default=1000, metadata=_range(1, 10_000_000))
+    # Bounds of the retained store (bytes = topic + payload); past either one a retained message
+    # on a new topic (or a bigger one on a known topic) is delivered but not retained.
+    max_retained_messages: int = field(default=100_000, metadata=_range(0, 100_000_000))
+    max_retained_bytes: int = field(default=64 * 1024 * 1024, metadata=_range(0, 2**40))
+    # A persistent session whose client has been away this long is removed: "<n>h|d|w|m|y"
+    # (m = 30 days), "" or "0" = never (Mosquitto's key and format), and "<n>s" (ours).
+    persistent_client_expiration: str = field(default="30d", metadata={"check": expiration_seconds})
+    # Largest remaining length accepted before CONNECT has been accepted (then max_packet_size).
+    max_connect_size: int = field(default=128 * 1024, metadata=_range(64, 268_435_455))
+    # New connections per second from one IP address, with bursts of 5x; 0 = no limit.
+    max_connection_rate: int = field(default=200, metadata=_range(0, 1_000_000))
+    # Seconds a client's output may stay above the high-water mark (it reads nothing) before
+    # the connection is aborted.
+    write_timeout: float = field(default=30.0, metadata=_range(0.1, 86400))
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +323,12 @@ def _convert(f: dataclasses.Field, value: Any, key: str, path: Path | None, base
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise ConfigError(path, key, f"expected one of {', '.join(choices)}, got {value!r}")
+        check = f.metadata.get("check")
+        if check is not None:
+            try:
+                check(value)
+            except ValueError as e:
+                raise ConfigError(path, key, str(e)) from None
         if kind == "Path":
             if value == "":
                 if optional:

@@ -84,6 +84,15 @@ def test_relative_paths_resolve_against_the_files_folder(tmp_path):
         ("[mqtt]\nhost = 5\n", "[mqtt] host", "expected a string"),
         ("[mqtt]\nkeepalive = 1\n", "[mqtt] keepalive", "from 5 to 65535"),
         ("[broker]\nconnect_timeout = -1.5\n", "[broker] connect_timeout", "expected a number"),
+        ('[broker]\npersistent_client_expiration = "30 days"\n', "[broker] persistent_client_expiration",
+         "expected a whole number and a unit s, h, d, w, m or y"),
+        ('[broker]\npersistent_client_expiration = "30x"\n', "[broker] persistent_client_expiration", "'30x'"),
+        ("[broker]\npersistent_client_expiration = 30\n", "[broker] persistent_client_expiration",
+         "expected a string"),
+        ("[broker]\nmax_topic_levels = 0\n", "[broker] max_topic_levels", "from 1 to 65535"),
+        ("[broker]\nmax_connect_size = 10\n", "[broker] max_connect_size", "from 64 to 268435455"),
+        ("[broker]\nmax_connection_rate = -1\n", "[broker] max_connection_rate", "expected an integer"),
+        ("[broker]\nwrite_timeout = 0\n", "[broker] write_timeout", "expected a number"),
     ],
 )
 def test_bad_values_name_file_key_and_expectation(tmp_path, text, key, expected):
@@ -118,3 +127,19 @@ def test_missing_named_config_exits_78(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tests/integration/sample_daemon.py"), "--config",
                         str(tmp_path / "nope.toml")], capture_output=True, text=True, timeout=30)
     assert r.returncode == 78 and "nope.toml" in r.stderr and "no such file" in r.stderr
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("", 0), ("0", 0), ("90s", 90), ("12h", 12 * 3600), ("30d", 30 * 86400), ("2w", 14 * 86400), ("1m", 30 * 86400),
+    ("1y", 365 * 86400),
+])
+def test_persistent_client_expiration_takes_mosquittos_format(tmp_path, text, seconds):
+    cfg = load_text(tmp_path, f'[broker]\npersistent_client_expiration = "{text}"\n')
+    assert cfg.broker.persistent_client_expiration == text
+    assert config.expiration_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["d", "30", "-1d", "1.5d", "0d", "30D", "30dd", " 30d", "\u0663d"])
+def test_persistent_client_expiration_refuses_anything_else(text):
+    with pytest.raises(ValueError, match="whole number and a unit"):
+        config.expiration_seconds(text)
