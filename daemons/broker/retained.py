@@ -18,6 +18,11 @@ starting with "$" [MQTT-4.7.2-1].
 
 Empty nodes are pruned on delete, so the trie's size follows the number of
 retained topics rather than the history of topics ever retained.
+
+The store keeps running totals of its messages and their bytes (UTF-8 topic plus
+payload), also apart for the broker's own "$SYS/" topics, so that the core can
+check the configured bounds (max_retained_messages, max_retained_bytes) in O(1)
+before it adds a message; `usage()` leaves "$SYS/" out of them.
 """
 
 from __future__ import annotations
@@ -63,11 +68,21 @@ def _collect_subtree(node: _Node, out: list[RetainedMessage], skip_dollar: bool)
 class RetainedStore:
     """Retained messages by topic, queried by topic filter."""
 
-    __slots__ = ("_root", "_count")
+    __slots__ = ("_root", "_count", "_bytes", "_sys_count", "_sys_bytes")
 
     def __init__(self) -> None:
         self._root = _Node()
         self._count = 0
+        self._bytes = 0
+        self._sys_count = 0  # of these, "$SYS/" topics: the broker's statistics
+        self._sys_bytes = 0
+
+    def _account(self, topic: str, count: int, nbytes: int) -> None:
+        self._count += count
+        self._bytes += nbytes
+        if topic.startswith("$SYS/"):
+            self._sys_count += count
+            self._sys_bytes += nbytes
 
     def set(self, topic: str, payload: bytes, qos: int) -> None:
         """Retain ``payload`` on ``topic``; an empty payload deletes instead."""
@@ -83,8 +98,11 @@ class RetainedStore:
             if child is None:
                 child = node.children[level] = _Node()
             node = child
-        if node.message is None:
-            self._count += 1
+        old = node.message
+        if old is None:
+            self._account(topic, 1, len(topic.encode()) + len(payload))
+        else:
+            self._account(topic, 0, len(payload) - len(old.payload))
         node.message = RetainedMessage(topic, bytes(payload), qos)
 
     def _delete(self, topic: str) -> None:
@@ -95,15 +113,34 @@ class RetainedStore:
             if child is None:
                 return
             path.append(child)
-        if path[-1].message is None:
+        old = path[-1].message
+        if old is None:
             return
         path[-1].message = None
-        self._count -= 1
+        self._account(topic, -1, -(len(topic.encode()) + len(old.payload)))
         for depth in range(len(levels), 0, -1):
             node = path[depth]
             if node.message is not None or node.children:
                 break
             del path[depth - 1].children[levels[depth - 1]]
+
+    def get(self, topic: str) -> RetainedMessage | None:
+        """The message retained on exactly ``topic``, if any (no validation: a lookup)."""
+        node: _Node | None = self._root
+        for level in topic.split("/"):
+            node = node.children.get(level)
+            if node is None:
+                return None
+        return node.message
+
+    def usage(self) -> tuple[int, int]:
+        """(messages, bytes of topics and payloads) retained, not counting "$SYS/" topics."""
+        return self._count - self._sys_count, self._bytes - self._sys_bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every retained topic (UTF-8) and payload."""
+        return self._bytes
 
     def match(self, topic_filter: str) -> list[RetainedMessage]:
         """Every retained message whose topic matches ``topic_filter``."""

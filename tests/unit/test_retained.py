@@ -154,6 +154,7 @@ def test_store_agrees_with_reference_matcher(writes, probe):
         else:
             model.pop(topic, None)
     assert len(store) == len(model)
+    assert store.nbytes == sum(len(t.encode()) + len(m.payload) for t, m in model.items())
     assert sorted(store, key=lambda m: m.topic) == sorted(model.values(), key=lambda m: m.topic)
     for topic_filter in probe:
         got = store.match(topic_filter)
@@ -163,3 +164,20 @@ def test_store_agrees_with_reference_matcher(writes, probe):
         )
     prefixes = {tuple(t.split("/")[:i]) for t in model for i in range(1, len(t.split("/")) + 1)}
     assert store._node_count() == len(prefixes)
+
+
+def test_running_totals_follow_set_replace_and_delete_and_leave_sys_out_of_usage():
+    """The byte total (UTF-8 topic + payload) is kept as messages come and go, so the core
+    checks max_retained_bytes in O(1); usage() leaves the broker's own $SYS/ topics out."""
+    store = RetainedStore()
+    store.set("a/é", b"12345", 0)  # topic of 4 bytes
+    assert (len(store), store.nbytes, store.usage()) == (1, 9, (1, 9))
+    store.set("a/é", b"12", 1)  # replaced: the payload shrinks, the count stays
+    assert (len(store), store.nbytes) == (1, 6)
+    store.set("$SYS/broker/uptime", b"7 seconds", 0)
+    assert (len(store), store.nbytes, store.usage()) == (2, 6 + 18 + 9, (1, 6))
+    assert store.get("a/é") == RetainedMessage("a/é", b"12", 1)
+    assert store.get("a") is None and store.get("a/é/x") is None
+    store.set("a/é", b"", 0)
+    store.set("a/none", b"", 0)  # deleting what is not there changes nothing
+    assert (len(store), store.nbytes, store.usage()) == (1, 27, (0, 0))
