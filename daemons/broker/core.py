@@ -31,6 +31,16 @@ acknowledgement that frees room there calls its `retry_held()`, and the transpor
 held packets in again, in order. A publisher is only held by the subscribers of what it
 publishes: others, on other topics, go on. With `queue_full = "drop"` the message is
 acknowledged and dropped for a full session, counted (Mosquitto's behaviour).
+
+Limits against hostile or broken clients (`Limits`, from [broker] in the config) are checked
+before any state grows: a filter deeper than `max_topic_levels`, or a new filter past
+`max_subscriptions_per_client`, gets SUBACK 0x80 and never reaches the tree; a PUBLISH (or a
+will) on a deeper topic closes its connection before routing; a retained message that would
+take the store past `max_retained_messages`/`max_retained_bytes` is delivered but not
+retained; `expire_sessions()` (the server calls it once a second) removes persistent sessions
+whose client has been away longer than `persistent_client_expiration`. Each refusal is
+counted in `Stats` ($SYS/broker/limits/...) and logged by `limit_hit()`, the first and then
+one line per 1000 of each kind, so a hostile client cannot flood the journal either.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from .packets import (
     Pingreq,
     Puback,
     Pubcomp,
+    SUBACK_FAILURE,
     Publish,
     Pubrec,
     Pubrel,
@@ -80,6 +91,14 @@ class Stats:
     bytes_sent: int = 0
     connections_total: int = 0
     clients_maximum: int = 0
+    # Limits ($SYS/broker/limits/...); the last three are the transport's (server.py).
+    topic_levels_refused: int = 0
+    subscriptions_refused: int = 0
+    retained_refused: int = 0
+    sessions_expired: int = 0
+    connect_size_refused: int = 0
+    connection_rate_refused: int = 0
+    write_timeout_closed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +107,11 @@ class Limits:
     max_queued: int = 100_000
     allow_zero_length_clientid: bool = True
     queue_full: str = "block"  # or "drop"
+    max_topic_levels: int = 200
+    max_subscriptions: int = 1000  # per session
+    max_retained_messages: int = 100_000  # not counting the broker's own $SYS topics
+    max_retained_bytes: int = 64 * 1024 * 1024  # topics + payloads
+    session_expiry: float = 30 * 86400.0  # seconds a persistent session outlives its client; 0 = for ever
 
 
 class Broker:
@@ -102,6 +126,7 @@ class Broker:
         self.started = clock()
         self.clock = clock
         self._auto_id = itertools.count(1)
+        self._limit_lines: dict[str, int] = {}  # limit_hit() calls per log message
         self._handlers = {
             Publish: self._publish,
             Puback: self._puback,
@@ -118,6 +143,11 @@ class Broker:
 
     def connect(self, conn, pkt: Connect) -> bool:
         """Answer CONNECT. Returns False when refused (the CONNACK says why; caller closes)."""
+        if pkt.will is not None and self._too_deep(pkt.will.topic):
+            self.limit_hit("topic_levels_refused", "will topic has too many levels; closing connection",
+                           client=pkt.client_id, levels=pkt.will.topic.count("/") + 1,
+                           max_topic_levels=self.limits.max_topic_levels)
+            return False  # a protocol matter, not one a CONNACK code names: closed without one
         client_id = pkt.client_id
         if not client_id:
             # A server-assigned id only makes sense for a session that ends with the connection.
@@ -163,7 +193,7 @@ class Broker:
         session: Session = conn.session
         conn.session = None
         self.connected -= 1
-        session.detach()
+        session.detach(self.clock())
         will, conn.will = conn.will, None
         if session.clean:
             self._drop_session(session)
@@ -193,6 +223,12 @@ class Broker:
         return True
 
     def _publish(self, conn, pkt: Publish) -> bool:
+        if self._too_deep(pkt.topic):
+            self.limit_hit("topic_levels_refused", "topic has too many levels; closing connection",
+                           client=conn.session.client_id, levels=pkt.topic.count("/") + 1,
+                           max_topic_levels=self.limits.max_topic_levels)
+            conn.close()
+            return True
         qos = pkt.qos
         session: Session = conn.session
         if qos == 2 and pkt.packet_id in session.incoming_qos2:
@@ -255,7 +291,7 @@ class Broker:
     def publish(self, msg: Message, matches: dict[Session, int] | None = None) -> None:
         """Store if retained, then deliver to every matching session once."""
         if msg.retain:
-            self.retained.set(msg.topic, msg.payload, msg.qos)
+            self._retain(msg)
         qos = msg.qos
         sent = dropped = 0
         if matches is None:
@@ -280,13 +316,18 @@ class Broker:
     def _subscribe(self, conn, pkt: Subscribe) -> None:
         session: Session = conn.session
         codes = []
+        accepted = []
         for topic_filter, qos in pkt.topics:
+            if not self._may_subscribe(session, topic_filter):
+                codes.append(SUBACK_FAILURE)  # the others of this SUBSCRIBE are still granted
+                continue
             self.tree.subscribe(session, topic_filter, qos)
             session.subscriptions[topic_filter] = qos
             codes.append(qos)
+            accepted.append((topic_filter, qos))
         conn.send(encode(Suback(pkt.packet_id, tuple(codes))))
         # Retained messages follow the SUBACK, with the retain flag set [MQTT-3.3.1-6, -8].
-        for (topic_filter, granted) in pkt.topics:
+        for (topic_filter, granted) in accepted:
             for r in self.retained.match(topic_filter):
                 session.deliver(Message(r.topic, r.payload, r.qos, True), min(r.qos, granted), retain=True)
 
@@ -296,6 +337,86 @@ class Broker:
             if session.subscriptions.pop(topic_filter, None) is not None:
                 self.tree.unsubscribe(session, topic_filter)
         conn.send(encode(Unsuback(pkt.packet_id)))  # even if nothing matched [MQTT-3.10.4-5]
+
+    # limits ----------------------------------------------------------------------------------
+
+    def limit_hit(self, counter: str, message: str, **fields) -> None:
+        """Count one refusal in `Stats.<counter>` and log it: the first and then one line per
+        1000 with the same message, so a client that hits a limit in a loop cannot flood the
+        log, and one kind of refusal does not hide another counted alike (a filter refused
+        for its depth, a connection closed for a topic's)."""
+        n = getattr(self.stats, counter) + 1
+        setattr(self.stats, counter, n)
+        seen = self._limit_lines[message] = self._limit_lines.get(message, 0) + 1
+        if seen % 1000 == 1:
+            self.log.warning(message, **fields, **{counter: n})
+
+    def _too_deep(self, topic: str) -> bool:
+        limit = self.limits.max_topic_levels
+        # A topic has at most len(topic) + 1 levels: the count is skipped for every usual one.
+        return len(topic) >= limit and topic.count("/") >= limit
+
+    def _may_subscribe(self, session: Session, topic_filter: str) -> bool:
+        """Checked before the tree is touched: a refused filter costs nothing to keep."""
+        if self._too_deep(topic_filter):
+            self.limit_hit("topic_levels_refused", "subscription refused: too many topic levels",
+                           client=session.client_id, levels=topic_filter.count("/") + 1,
+                           max_topic_levels=self.limits.max_topic_levels)
+            return False
+        if topic_filter not in session.subscriptions and len(session.subscriptions) >= self.limits.max_subscriptions:
+            self.limit_hit("subscriptions_refused", "subscription refused: max_subscriptions_per_client reached",
+                           client=session.client_id, max_subscriptions_per_client=self.limits.max_subscriptions)
+            return False
+        return True
+
+    def _retain(self, msg: Message) -> None:
+        """Retain `msg` unless it would take the store past a bound: a new topic past either
+        bound, or a bigger payload past the byte bound. Deleting (an empty payload) and the
+        broker's own $SYS topics always pass. A refused message is still delivered; the
+        topic keeps its previous retained message, if it had one."""
+        if msg.payload and not msg.topic.startswith("$SYS/"):
+            lim, store = self.limits, self.retained
+            count, nbytes = store.usage()
+            old = store.get(msg.topic)
+            if old is None:
+                over = (count >= lim.max_retained_messages
+                        or nbytes + len(msg.topic_bytes) + len(msg.payload) > lim.max_retained_bytes)
+            else:
+                grow = len(msg.payload) - len(old.payload)
+                over = grow > 0 and nbytes + grow > lim.max_retained_bytes
+            if over:
+                self.limit_hit("retained_refused", "retained message not kept: max_retained_messages or "
+                               "max_retained_bytes reached (delivered, not retained)", topic=msg.topic,
+                               retained=count, retained_bytes=nbytes)
+                return
+        self.retained.set(msg.topic, msg.payload, msg.qos)
+
+    def expire_sessions(self, now: float) -> int:
+        """Remove every persistent session whose client has been away longer than
+        `Limits.session_expiry` (persistent_client_expiration), with its subscriptions and
+        queue. The server calls it once a second with the broker's clock. Returns how many."""
+        expiry = self.limits.session_expiry
+        if not expiry:
+            return 0
+        expired = []
+        for s in self.sessions.values():
+            if s.conn is None and not s.clean:
+                if s.disconnected_at is None:
+                    s.disconnected_at = now  # never attached since it was made (restored): away from now
+                elif now - s.disconnected_at > expiry:
+                    expired.append(s)
+        for s in expired:
+            queued = s.pending()
+            self._drop_session(s)
+            s.queue.clear()
+            s.inflight.clear()
+            waiters, s.waiters = s.waiters, set()
+            for conn in waiters:  # publishers held for its queue: it is gone, they may go on
+                conn.retry_held()
+            self.limit_hit("sessions_expired", "persistent session expired: client away longer than "
+                           "persistent_client_expiration", client=s.client_id,
+                           away_s=int(now - s.disconnected_at), dropped_messages=queued)
+        return len(expired)
 
     # statistics ------------------------------------------------------------------------------
 
@@ -322,6 +443,13 @@ class Broker:
             "$SYS/broker/retained messages/count": str(len(self.retained)),
             "$SYS/broker/subscriptions/count": str(len(self.tree)),
             "$SYS/broker/store/messages/count": str(sum(x.pending() for x in self.sessions.values())),
+            "$SYS/broker/limits/topic_levels/refused": str(s.topic_levels_refused),
+            "$SYS/broker/limits/subscriptions/refused": str(s.subscriptions_refused),
+            "$SYS/broker/limits/retained/refused": str(s.retained_refused),
+            "$SYS/broker/limits/sessions/expired": str(s.sessions_expired),
+            "$SYS/broker/limits/connect_size/refused": str(s.connect_size_refused),
+            "$SYS/broker/limits/connection_rate/refused": str(s.connection_rate_refused),
+            "$SYS/broker/limits/write_timeout/closed": str(s.write_timeout_closed),
         }
 
     def publish_sys(self) -> None:

@@ -86,6 +86,7 @@ class Session:
     __slots__ = (
         "client_id", "clean", "conn", "will", "subscriptions", "inflight", "queue",
         "incoming_qos2", "max_inflight", "max_queued", "dropped", "waiters", "_next_pid",
+        "disconnected_at",
     )
 
     def __init__(self, client_id: str, clean: bool, max_inflight: int, max_queued: int):
@@ -102,6 +103,8 @@ class Session:
         self.dropped = 0
         self.waiters: set = set()  # connections holding a PUBLISH until this session has room
         self._next_pid = 0
+        # When the client went away (the broker's clock), for persistent_client_expiration.
+        self.disconnected_at: float | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.client_id!r} clean={self.clean} online={self.conn is not None}>"
@@ -180,9 +183,11 @@ class Session:
 
     def attach(self, conn: Link) -> None:
         self.conn = conn
+        self.disconnected_at = None
 
-    def detach(self) -> None:
+    def detach(self, now: float | None = None) -> None:
         self.conn = None
+        self.disconnected_at = now
 
     def resume(self) -> None:
         """After a reconnect: retransmit what is unacknowledged, in order, then refill."""

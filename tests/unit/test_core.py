@@ -215,3 +215,144 @@ def test_a_qos0_publish_or_an_unsubscribed_topic_is_never_held():
     assert b.handle(pub, p.Publish("q0", b"c", 1, packet_id=2))  # delivered at the granted QoS 0
     assert b.handle(pub, p.Publish("other", b"d", 1, packet_id=3))  # nobody subscribed
     assert not b.handle(pub, p.Publish("full", b"e", 1, packet_id=4))
+
+
+# limits against hostile or broken clients ----------------------------------------------------
+
+
+def test_a_filter_deeper_than_max_topic_levels_gets_0x80_and_never_reaches_the_tree():
+    """The others of the same SUBSCRIBE are granted; a filter of 65,535 levels (Mosquitto
+    refuses it too) is refused before the tree grows a node for it."""
+    b = Broker(Log("t"), Limits(max_topic_levels=3))
+    sub, _ = connect(b, "s")
+    b.handle(sub, p.Subscribe(1, (("a/b/c", 1), ("a/b/c/d", 1), ("/" * 65534, 0), ("+/+/#", 2))))
+    assert sub.packets() == [p.Suback(1, (1, p.SUBACK_FAILURE, p.SUBACK_FAILURE, 2))]
+    assert set(b.sessions["s"].subscriptions) == {"a/b/c", "+/+/#"}
+    assert len(b.tree) == 2 and b.tree._node_count() == 6
+    assert b.stats.topic_levels_refused == 2
+    assert b.sys_topics()["$SYS/broker/limits/topic_levels/refused"] == "2"
+
+
+def test_a_publish_to_a_topic_deeper_than_max_topic_levels_closes_the_connection_unrouted():
+    b = Broker(Log("t"), Limits(max_topic_levels=3))
+    sub, _ = connect(b, "s")
+    b.handle(sub, p.Subscribe(1, (("#", 1),)))
+    sub.packets()
+    pub, _ = connect(b, "pub")
+    b.handle(pub, p.Publish("a/b/c/d", b"x", 1, retain=True, packet_id=1))
+    assert pub.closed and pub.packets() == []  # no PUBACK
+    assert sub.packets() == [] and len(b.retained) == 0
+    b.handle(pub, p.Publish("a/b/c", b"x", 0))  # at the limit: fine
+    assert [x.topic for x in sub.packets()] == ["a/b/c"]
+    assert b.stats.topic_levels_refused == 1
+
+
+def test_a_will_on_a_topic_deeper_than_max_topic_levels_refuses_the_connect():
+    b = Broker(Log("t"), Limits(max_topic_levels=3))
+    link = Link()
+    assert not b.connect(link, p.Connect("dev", will=p.Will("a/b/c/d", b"gone")))
+    assert link.packets() == [] and "dev" not in b.sessions and b.connected == 0
+    assert b.stats.topic_levels_refused == 1
+
+
+def test_max_subscriptions_refuses_a_new_filter_but_a_known_one_may_be_replaced():
+    b = Broker(Log("t"), Limits(max_subscriptions=2))
+    pub, _ = connect(b, "pub")
+    b.handle(pub, p.Publish("c", b"retained", 0, retain=True))
+    sub, _ = connect(b, "s")
+    b.handle(sub, p.Subscribe(1, (("a", 1), ("b", 1), ("c", 1))))
+    assert sub.packets() == [p.Suback(1, (1, 1, p.SUBACK_FAILURE))], "no retained message for a refused filter"
+    b.handle(sub, p.Subscribe(2, (("a", 2), ("c", 0))))
+    assert sub.packets() == [p.Suback(2, (2, p.SUBACK_FAILURE))]
+    assert b.sessions["s"].subscriptions == {"a": 2, "b": 1}
+    b.handle(sub, p.Unsubscribe(3, ("b",)))
+    b.handle(sub, p.Subscribe(4, (("c", 0),)))
+    assert sub.packets()[1:] == [p.Suback(4, (0,)), p.Publish("c", b"retained", 0, retain=True)]
+    assert b.stats.subscriptions_refused == 2
+    assert b.sys_topics()["$SYS/broker/limits/subscriptions/refused"] == "2"
+
+
+def test_max_retained_messages_delivers_but_does_not_retain_a_new_topic_past_it():
+    """Replacing and deleting a retained topic always pass; the broker's own $SYS topics
+    neither count nor are refused."""
+    b = Broker(Log("t"), Limits(max_retained_messages=2))
+    b.publish_sys()
+    sub, _ = connect(b, "s")
+    b.handle(sub, p.Subscribe(1, (("r/#", 0),)))
+    sub.packets()
+    pub, _ = connect(b, "pub")
+    for t in ("r/1", "r/2", "r/3"):
+        b.handle(pub, p.Publish(t, t.encode(), 1, retain=True, packet_id=1))
+    assert [x.topic for x in sub.packets()] == ["r/1", "r/2", "r/3"], "a refused one is still delivered"
+    assert b.retained.get("r/3") is None and b.stats.retained_refused == 1
+    b.handle(pub, p.Publish("r/1", b"bigger now", 0, retain=True))  # replacing: allowed
+    assert b.retained.get("r/1").payload == b"bigger now"
+    b.handle(pub, p.Publish("r/2", b"", 0, retain=True))  # deleting: allowed, and frees a place
+    b.handle(pub, p.Publish("r/3", b"r/3", 0, retain=True))
+    assert b.retained.get("r/3").payload == b"r/3"
+    b.publish_sys()
+    assert b.retained.usage()[0] == 2 and len(b.retained) > 2
+    assert b.sys_topics()["$SYS/broker/limits/retained/refused"] == "1"
+
+
+def test_max_retained_bytes_counts_topic_and_payload_and_refuses_growth_past_it():
+    b = Broker(Log("t"), Limits(max_retained_bytes=10))
+    pub, _ = connect(b, "pub")
+    b.handle(pub, p.Publish("t", b"123456789", 0, retain=True))  # 1 + 9 bytes: at the bound
+    assert b.retained.usage() == (1, 10)
+    b.handle(pub, p.Publish("u", b"1", 0, retain=True))  # a new topic past it
+    b.handle(pub, p.Publish("t", b"1234567890", 0, retain=True))  # a bigger payload past it
+    assert b.retained.get("u") is None and b.retained.get("t").payload == b"123456789"
+    assert b.stats.retained_refused == 2
+    b.handle(pub, p.Publish("t", b"1234", 0, retain=True))  # smaller: always
+    b.handle(pub, p.Publish("u", b"1234", 0, retain=True))  # 5 + 5 bytes: fits again
+    assert b.retained.usage() == (2, 10) and b.stats.retained_refused == 2
+
+
+def test_a_persistent_session_expires_after_persistent_client_expiration_on_the_brokers_clock():
+    """Counted from the disconnect; subscriptions and queue go with it; a publisher held for
+    its full queue is told to retry; a connected or returned client's session stays."""
+    now = [1000.0]
+    b = Broker(Log("t"), Limits(max_inflight=1, max_queued=1, session_expiry=100.0), clock=lambda: now[0])
+    gone, _ = connect(b, "gone", clean=False)
+    b.handle(gone, p.Subscribe(1, (("q", 1),)))
+    b.closed(gone, graceful=True)
+    back, _ = connect(b, "back", clean=False)
+    b.handle(back, p.Subscribe(1, (("other", 1),)))
+    b.closed(back, graceful=True)
+    here, _ = connect(b, "here", clean=False)
+    pub, _ = connect(b, "pub")
+    assert b.handle(pub, p.Publish("q", b"1", 1, packet_id=1))
+    assert not b.handle(pub, p.Publish("q", b"2", 1, packet_id=2)), "held: the queue of 1 is full"
+    now[0] = 1060.0
+    back, _ = connect(b, "back", clean=False)  # returns, and leaves again: counted from now
+    b.closed(back, graceful=False)
+    now[0] = 1100.0
+    assert b.expire_sessions(now[0]) == 0, "away exactly 100 s: not longer"
+    now[0] = 1100.5
+    assert b.expire_sessions(now[0]) == 1
+    assert set(b.sessions) == {"back", "here", "pub"}
+    assert b.tree.match("q") == {} and pub.retries == 1
+    assert b.handle(pub, p.Publish("q", b"2", 1, packet_id=2))
+    assert b.stats.sessions_expired == 1
+    assert b.sys_topics()["$SYS/broker/limits/sessions/expired"] == "1"
+    now[0] = 1160.5
+    assert b.expire_sessions(now[0]) == 1 and set(b.sessions) == {"here", "pub"}
+    now[0] = 10**9
+    assert b.expire_sessions(now[0]) == 0 and "here" in b.sessions, "a connected client's session stays"
+
+
+def test_persistent_client_expiration_of_zero_keeps_sessions_for_ever():
+    now = [0.0]
+    b = Broker(Log("t"), Limits(session_expiry=0), clock=lambda: now[0])
+    s, _ = connect(b, "s", clean=False)
+    b.closed(s, graceful=False)
+    now[0] = 10**12
+    assert b.expire_sessions(now[0]) == 0 and "s" in b.sessions
+
+
+def test_limits_are_counted_under_sys_broker_limits():
+    names = {t for t in Broker(Log("t")).sys_topics() if t.startswith("$SYS/broker/limits/")}
+    assert names == {f"$SYS/broker/limits/{n}" for n in (
+        "topic_levels/refused", "subscriptions/refused", "retained/refused", "sessions/expired",
+        "connect_size/refused", "connection_rate/refused", "write_timeout/closed")}
