@@ -47,7 +47,8 @@ class Broker:
         if kind == "iot-broker":
             cfg = workdir / "iot.toml"
             cfg.write_text(f'[paths]\nstate_dir = "{workdir}"\n[broker]\nhost = "127.0.0.1"\nport = {self.port}\n'
-                           "max_inflight_messages = 20\nmax_queued_messages = 1000\n")
+                           "max_inflight_messages = 20\nmax_queued_messages = 1000\n"
+                           "max_connection_rate = 0\n")  # 1000 idle connections at once, as Mosquitto takes them
             argv = [str(Path(sys.executable).parent / "iot-broker"), "--config", str(cfg)]
         else:
             cfg = workdir / "mosquitto.conf"

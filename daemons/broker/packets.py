@@ -637,6 +637,11 @@ class Reader:
         self._started = False
         self._error: ProtocolError | None = None
 
+    def set_max_packet_size(self, max_packet_size: int) -> None:
+        """Change the largest remaining length accepted from the next packet on (a server
+        keeps a small one until CONNECT is accepted, then raises it)."""
+        self._max = max_packet_size
+
     def feed(self, data: bytes) -> None:
         if self._error is not None:
             return

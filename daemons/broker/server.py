@@ -11,8 +11,9 @@ that pass (`call_soon(flush)`), so a read holding 100 PUBLISH packets costs one 
 PUBACKs, not 100 system calls.
 
 Timers are not per connection: one sweep a second closes connections that sent no CONNECT
-within `connect_timeout` and those silent for 1.5x their keep-alive [MQTT-3.1.2-24]. Another
-task publishes $SYS/broker/... every `sys_interval` seconds.
+within `connect_timeout` and those silent for 1.5x their keep-alive [MQTT-3.1.2-24], and
+removes persistent sessions away longer than `persistent_client_expiration`
+(`Broker.expire_sessions`). Another task publishes $SYS/broker/... every `sys_interval` seconds.
 
 A protocol error closes only that connection (after a CONNACK with a return code where the
 spec asks for one); the close is ungraceful, so the client's will is published.
@@ -24,6 +25,11 @@ HELD_PACKETS packets or HELD_BYTES of payload it stops reading from the socket: 
 back on the publisher. `retry_held()` (an acknowledgement freed room) and the sweep hand the
 held packets to the core again, in order, and reading resumes once none is left. A held
 connection is not timed out for keep-alive: its silence is ours.
+
+Limits at the transport: before CONNECT is accepted the reader takes packets of at most
+`max_connect_size`; `max_connection_rate` is a token bucket per IP address checked at accept
+(buckets full again are forgotten by the sweep, so the table stays small). Counted in the
+core's Stats, logged through `Broker.limit_hit`.
 """
 
 from __future__ import annotations
@@ -36,16 +42,19 @@ import sys
 import time
 
 from .. import service
-from ..config import BrokerConfig
+from ..config import BrokerConfig, expiration_seconds
 from ..service import Exit, Log, Service
 from collections import deque
 
 from .core import Broker, Limits
-from .packets import Connack, Pingreq, ProtocolError, Puback, Pubcomp, Publish, Pubrec, Pubrel, Reader, encode
+from .packets import (Connack, PacketTooLarge, Pingreq, ProtocolError, Puback, Pubcomp, Publish, Pubrec, Pubrel,
+                      Reader, encode)
 
 # Per-connection output buffered in the kernel and asyncio beyond which QoS 0 messages to that
 # client are dropped (and counted) rather than held in memory without bound.
 WRITE_HIGH_WATER = 1024 * 1024
+# max_connection_rate: a new address may open this many times the rate at once.
+CONNECTION_BURST = 5
 SWEEP_INTERVAL = 1.0
 # A held connection stops reading past this many packets or payload bytes held.
 HELD_PACKETS = 1000
@@ -65,7 +74,8 @@ class Connection(asyncio.Protocol):
         self.srv = srv
         self.broker = srv.broker
         self.stats = srv.broker.stats
-        self.reader = Reader("server", srv.cfg.max_packet_size)
+        # Raised to max_packet_size once CONNECT is accepted.
+        self.reader = Reader("server", min(srv.cfg.max_connect_size, srv.cfg.max_packet_size))
         self.transport: asyncio.Transport | None = None
         self.session = None
         self.will = None
@@ -88,6 +98,12 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if peer and not self.srv.admit(peer[0]):
+            self.broker.limit_hit("connection_rate_refused", "connection refused: max_connection_rate exceeded",
+                                  peer=self.peer, max_connection_rate=self.srv.cfg.max_connection_rate)
+            self.closing = True
+            transport.abort()
+            return
         if len(self.srv.conns) >= self.srv.cfg.max_connections:
             self.srv.refused += 1
             if self.srv.refused % 100 == 1:
@@ -129,6 +145,7 @@ class Connection(asyncio.Protocol):
                     if not broker.connect(self, pkt):
                         self.close()
                         return
+                    reader.set_max_packet_size(self.srv.cfg.max_packet_size)
                     if self.srv.log.is_debug():
                         self.srv.log.debug("client connected", client=self.session.client_id, peer=self.peer,
                                            clean=int(pkt.clean_session), keepalive=pkt.keep_alive)
@@ -139,8 +156,12 @@ class Connection(asyncio.Protocol):
         except ProtocolError as e:
             if e.connack is not None and self.session is None:
                 self.send(encode(Connack(False, e.connack)))
-            self.srv.log.info("protocol error; closing connection", peer=self.peer, client=self.client_id,
-                              error=str(e), rule=e.rule or "-")
+            if self.session is None and isinstance(e, PacketTooLarge):
+                self.broker.limit_hit("connect_size_refused", "packet before CONNECT over max_connect_size; "
+                                      "closing connection", peer=self.peer, error=str(e))
+            else:
+                self.srv.log.info("protocol error; closing connection", peer=self.peer, client=self.client_id,
+                                  error=str(e), rule=e.rule or "-")
             self.close()
             return
         full = bool(held) and (len(held) >= HELD_PACKETS or self.held_bytes >= HELD_BYTES)
@@ -211,9 +232,35 @@ class Server:
     def __init__(self, cfg: BrokerConfig, log: Log, loop: asyncio.AbstractEventLoop):
         self.cfg, self.log, self.loop = cfg, log, loop
         self.broker = Broker(log, Limits(cfg.max_inflight_messages, cfg.max_queued_messages,
-                                         cfg.allow_zero_length_clientid, cfg.queue_full))
+                                         cfg.allow_zero_length_clientid, cfg.queue_full,
+                                         max_topic_levels=cfg.max_topic_levels,
+                                         max_subscriptions=cfg.max_subscriptions_per_client,
+                                         max_retained_messages=cfg.max_retained_messages,
+                                         max_retained_bytes=cfg.max_retained_bytes,
+                                         session_expiry=expiration_seconds(cfg.persistent_client_expiration)))
         self.conns: set[Connection] = set()
         self.refused = 0
+        self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when counted)
+
+    def admit(self, address: str) -> bool:
+        """max_connection_rate: a token bucket per address, refilled at the rate, holding at
+        most CONNECTION_BURST seconds' worth; a connection takes one token or is refused."""
+        rate = self.cfg.max_connection_rate
+        if not rate:
+            return True
+        now, burst = time.monotonic(), CONNECTION_BURST * rate
+        tokens, then = self.buckets.get(address, (burst, now))
+        tokens = min(burst, tokens + (now - then) * rate)
+        ok = tokens >= 1.0
+        self.buckets[address] = (tokens - 1.0 if ok else tokens, now)
+        return ok
+
+    def _forget_full_buckets(self, now: float) -> None:
+        rate = self.cfg.max_connection_rate
+        burst = CONNECTION_BURST * rate
+        full = [a for a, (tokens, then) in self.buckets.items() if tokens + (now - then) * rate >= burst]
+        for a in full:
+            del self.buckets[a]
 
     def sweep(self) -> None:
         now = time.monotonic()
@@ -230,6 +277,9 @@ class Server:
             elif c.keepalive and now - c.last_rx > 1.5 * c.keepalive:
                 self.log.info("keep-alive expired; closing", client=c.client_id, keepalive=c.keepalive)
                 c.close()
+        self.broker.expire_sessions(self.broker.clock())
+        if self.buckets:
+            self._forget_full_buckets(now)
 
     async def run_timers(self, svc: Service) -> None:
         next_sys = time.monotonic()

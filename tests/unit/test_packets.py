@@ -741,3 +741,18 @@ def test_packets_are_frozen_and_slotted():
     with pytest.raises(AttributeError):
         p.topic = "b"
     assert not hasattr(p, "__dict__")
+
+
+def test_reader_max_packet_size_can_be_raised_after_connect():
+    """A server reads CONNECT under max_connect_size and the rest under max_packet_size: the
+    new limit applies from the next packet, also to one already buffered."""
+    big = encode(Publish("t", b"p" * 500))
+    small = Reader(max_packet_size=100)
+    small.feed(encode(Connect("c")) + big)
+    assert small.next_packet() == Connect("c")
+    small.set_max_packet_size(1000)
+    assert small.next_packet() == Publish("t", b"p" * 500)
+    refused = Reader(max_packet_size=20)
+    refused.feed(encode(Connect("c" * 30)))
+    with pytest.raises(PacketTooLarge):
+        refused.next_packet()
