@@ -26,6 +26,15 @@ back on the publisher. `retry_held()` (an acknowledgement freed room) and the sw
 held packets to the core again, in order, and reading resumes once none is left. A held
 connection is not timed out for keep-alive: its silence is ours.
 
+Bounded output: what the core writes to a client that does not read piles up in asyncio's
+buffer. Past WRITE_HIGH_WATER (`pause_writing`, or that much gathered in one pass) the
+connection is `congested()`: QoS 0 messages to it are dropped (counted), and it is read no
+more, so its own input cannot make PUBACKs, SUBACKs or PINGRESPs pile up either. Reading
+resumes with `resume_writing` unless flow control holds it paused too (`_set_reading` asks
+both); while not read it is not timed out for keep-alive either. A client whose output
+stays above the mark for `write_timeout` seconds is aborted by the sweep, as is one we closed
+that still has not taken its last bytes by then (a close waits for the buffer to drain).
+
 Limits at the transport: before CONNECT is accepted the reader takes packets of at most
 `max_connect_size`; `max_connection_rate` is a token bucket per IP address checked at accept
 (buckets full again are forgotten by the sweep, so the table stays small). Counted in the
@@ -50,8 +59,8 @@ from .core import Broker, Limits
 from .packets import (Connack, PacketTooLarge, Pingreq, ProtocolError, Puback, Pubcomp, Publish, Pubrec, Pubrel,
                       Reader, encode)
 
-# Per-connection output buffered in the kernel and asyncio beyond which QoS 0 messages to that
-# client are dropped (and counted) rather than held in memory without bound.
+# Per-connection output buffered in asyncio beyond which QoS 0 messages to that client are
+# dropped (and counted) rather than held in memory without bound, and the client is not read.
 WRITE_HIGH_WATER = 1024 * 1024
 # max_connection_rate: a new address may open this many times the rate at once.
 CONNECTION_BURST = 5
@@ -68,6 +77,7 @@ class Connection(asyncio.Protocol):
         "srv", "broker", "stats", "reader", "transport", "session", "will", "keepalive",
         "last_rx", "opened", "out", "flush_scheduled", "closing", "paused", "peer", "loop",
         "held", "held_bytes", "reading", "retry_scheduled",
+        "held_full", "paused_at", "out_bytes", "closed_at",
     )
 
     def __init__(self, srv: Server):
@@ -91,6 +101,10 @@ class Connection(asyncio.Protocol):
         self.held_bytes = 0
         self.reading = True
         self.retry_scheduled = False
+        self.held_full = False  # flow control wants reading paused
+        self.paused_at = 0.0  # when output last went over the high-water mark
+        self.out_bytes = 0  # in `out`, not yet written
+        self.closed_at = 0.0
 
     # asyncio.Protocol ------------------------------------------------------------------------
 
@@ -164,13 +178,21 @@ class Connection(asyncio.Protocol):
                                   error=str(e), rule=e.rule or "-")
             self.close()
             return
-        full = bool(held) and (len(held) >= HELD_PACKETS or self.held_bytes >= HELD_BYTES)
-        if full == self.reading and self.transport is not None and not self.closing:
-            self.reading = not full
-            if full:
-                self.transport.pause_reading()
-            else:
+        self.held_full = bool(held) and (len(held) >= HELD_PACKETS or self.held_bytes >= HELD_BYTES)
+        self._set_reading()
+
+    def _set_reading(self) -> None:
+        """Read from the socket unless flow control holds too much or our output to the client
+        is over the high-water mark: either one pauses reading, and it resumes only when
+        neither wants it paused."""
+        want = not (self.held_full or self.paused)
+        if want != self.reading and self.transport is not None and not self.closing:
+            self.reading = want
+            if want:
+                self.last_rx = time.monotonic()  # the silence while we did not read was ours
                 self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     def retry_held(self) -> None:
         """Called by the core when a session this connection waits for has room again."""
@@ -187,9 +209,12 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
+        self.paused_at = time.monotonic()
+        self._set_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
+        self._set_reading()
 
     # what the core calls ----------------------------------------------------------------------
 
@@ -197,6 +222,7 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         self.out.append(data)
+        self.out_bytes += len(data)
         self.stats.messages_sent += 1
         if not self.flush_scheduled:
             self.flush_scheduled = True
@@ -210,6 +236,7 @@ class Connection(asyncio.Protocol):
             self.stats.bytes_sent += len(data)
             self.transport.write(data)
         out.clear()
+        self.out_bytes = 0
 
     def close(self) -> None:
         """Flush what is pending (a CONNACK with an error code, say), then close."""
@@ -217,11 +244,12 @@ class Connection(asyncio.Protocol):
             return
         self.flush()
         self.closing = True
+        self.closed_at = time.monotonic()
         if self.transport is not None:
             self.transport.close()
 
     def congested(self) -> bool:
-        return self.paused
+        return self.paused or self.out_bytes >= WRITE_HIGH_WATER
 
     @property
     def client_id(self) -> str:
@@ -262,19 +290,32 @@ class Server:
         for a in full:
             del self.buckets[a]
 
+    def _not_reading(self, c: Connection) -> None:
+        self.broker.limit_hit("write_timeout_closed", "client not reading its socket; closing",
+                              client=c.client_id, peer=c.peer, write_timeout=self.cfg.write_timeout)
+        c.closing = True
+        c.transport.abort()
+
     def sweep(self) -> None:
         now = time.monotonic()
         timeout = self.cfg.connect_timeout
+        write_timeout = self.cfg.write_timeout
         for c in list(self.conns):
             if c.closing:
+                # Closed by us, it goes once its output is written: a client that reads nothing
+                # would keep it, and its buffer, for ever.
+                if c.closed_at and now - c.closed_at > write_timeout and c.transport is not None:
+                    self._not_reading(c)
                 continue
-            if c.session is None:
+            if c.paused and now - c.paused_at > write_timeout:
+                self._not_reading(c)
+            elif c.session is None:
                 if now - c.opened > timeout:
                     self.log.info("no CONNECT in time; closing", peer=c.peer, timeout=timeout)
                     c.close()
             elif c.held:
                 c.retry_held()  # a session it waits for may have gone (unsubscribed, ended)
-            elif c.keepalive and now - c.last_rx > 1.5 * c.keepalive:
+            elif c.keepalive and c.reading and now - c.last_rx > 1.5 * c.keepalive:
                 self.log.info("keep-alive expired; closing", client=c.client_id, keepalive=c.keepalive)
                 c.close()
         self.broker.expire_sessions(self.broker.clock())
