@@ -106,6 +106,14 @@ class BrokerConfig:
     # Seconds between $SYS/broker/... updates; 0 turns them off.
     sys_interval: float = field(default=10.0, metadata=_range(0, 86400))
     allow_zero_length_clientid: bool = True
+    # A queue's bound in memory by bytes (topic + payload) as well as by count; 0 = count only.
+    max_queued_bytes: int = field(default=64 * 1024**2, metadata=_range(0, 2**40))
+    # Retained messages and persistent sessions (subscriptions, queued and in-flight messages)
+    # kept on disk, in <state_dir>/broker unless persistence_location says otherwise.
+    persistence: bool = True
+    persistence_location: Path | None = None
+    # Bytes of queued messages the store may hold; past it flow control begins (queue_full).
+    max_store_bytes: int = field(default=1024**3, metadata=_range(1024**2, 2**50))
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ import asyncio
 import errno
 import os
 import resource
+import sqlite3
 import sys
 import time
 
@@ -41,6 +42,7 @@ from ..service import Exit, Log, Service
 from collections import deque
 
 from .core import Broker, Limits
+from .store import Store
 from .packets import Connack, Pingreq, ProtocolError, Puback, Pubcomp, Publish, Pubrec, Pubrel, Reader, encode
 
 # Per-connection output buffered in the kernel and asyncio beyond which QoS 0 messages to that
@@ -208,10 +210,11 @@ class Connection(asyncio.Protocol):
 
 
 class Server:
-    def __init__(self, cfg: BrokerConfig, log: Log, loop: asyncio.AbstractEventLoop):
+    def __init__(self, cfg: BrokerConfig, log: Log, loop: asyncio.AbstractEventLoop, store: Store | None = None):
         self.cfg, self.log, self.loop = cfg, log, loop
         self.broker = Broker(log, Limits(cfg.max_inflight_messages, cfg.max_queued_messages,
-                                         cfg.allow_zero_length_clientid, cfg.queue_full))
+                                         cfg.allow_zero_length_clientid, cfg.queue_full, cfg.max_queued_bytes),
+                             store=store)
         self.conns: set[Connection] = set()
         self.refused = 0
 
@@ -260,7 +263,20 @@ async def serve(svc: Service) -> None:
     port = svc.args.port if svc.args.port is not None else cfg.port
     loop = asyncio.get_running_loop()
     _raise_fd_limit(cfg.max_connections)
-    srv = Server(cfg, svc.log, loop)
+    store = None
+    if cfg.persistence:
+        where = cfg.persistence_location or svc.config.paths.state_dir / "broker"
+        store = Store(where / "store.db", svc.log, loop, cfg.max_store_bytes, os.environ.get("IOT_BROKER_FAILPOINT", ""))
+    srv = Server(cfg, svc.log, loop, store)
+    if store is not None:
+        try:
+            loaded = store.open(page=max(cfg.max_queued_messages, cfg.max_inflight_messages))
+        except (OSError, sqlite3.Error) as e:
+            raise Exit(service.EX_OSERR, f"cannot open the store {store.path}: {e}") from None
+        srv.broker.restore(loaded)
+        svc.log.info("store opened", store=store.path, sessions=len(loaded.sessions), retained=len(loaded.retained),
+                     queued=sum(len(s.rows) + s.on_disk for s in loaded.sessions),
+                     queued_bytes=store.bytes, skipped=loaded.skipped)
     try:
         listener = await loop.create_server(lambda: Connection(srv), cfg.host, port, backlog=1024)
     except OSError as e:
@@ -278,6 +294,8 @@ async def serve(svc: Service) -> None:
         listener.close()
         srv.close_all()
         await asyncio.sleep(0)  # let the closes flush
+        if store is not None:
+            store.close()
 
 
 def _port(text: str) -> int:
