@@ -379,7 +379,7 @@ def test_ingest_down_with_its_queue_full_holds_the_publishers_and_loses_nothing(
     the broker holds the publishers back instead of acknowledging and dropping (it dropped
     96,400 of 200,000 acknowledged messages once). Every message lands exactly once."""
     n = 30_000
-    b = broker_factory("max_queued_messages = 5000\nsys_interval = 0\n")
+    b = broker_factory("max_queued_messages = 5000\nsys_interval = 0\npersistence = false\n")
     node = node_factory(b.port)
     proc, _ = start_ingest(daemon, node)
     load = node.stress(n, "full", processes=4)
