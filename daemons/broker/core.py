@@ -43,6 +43,7 @@ only then does flow control begin.
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import time
 from dataclasses import dataclass
@@ -97,6 +98,13 @@ class Limits:
     allow_zero_length_clientid: bool = True
     queue_full: str = "block"  # or "drop"
     max_queued_bytes: int = 0  # 0: no bound by bytes
+    inflight_per_client: tuple[tuple[str, int], ...] = ()  # (fnmatch pattern, window)
+
+    def inflight_for(self, client_id: str) -> int:
+        for pattern, window in self.inflight_per_client:
+            if fnmatch.fnmatchcase(client_id, pattern):
+                return window
+        return self.max_inflight
 
 
 class NoStore:
@@ -352,7 +360,7 @@ class Broker:
 
     def _new_session(self, client_id: str, clean: bool) -> Session:
         lim = self.limits
-        session = Session(client_id, clean, lim.max_inflight, lim.max_queued, lim.max_queued_bytes)
+        session = Session(client_id, clean, lim.inflight_for(client_id), lim.max_queued, lim.max_queued_bytes)
         self.sessions[client_id] = session
         return session
 

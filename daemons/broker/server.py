@@ -213,7 +213,8 @@ class Server:
     def __init__(self, cfg: BrokerConfig, log: Log, loop: asyncio.AbstractEventLoop, store: Store | None = None):
         self.cfg, self.log, self.loop = cfg, log, loop
         self.broker = Broker(log, Limits(cfg.max_inflight_messages, cfg.max_queued_messages,
-                                         cfg.allow_zero_length_clientid, cfg.queue_full, cfg.max_queued_bytes),
+                                         cfg.allow_zero_length_clientid, cfg.queue_full, cfg.max_queued_bytes,
+                                         tuple(cfg.max_inflight_per_client.items())),
                              store=store)
         self.conns: set[Connection] = set()
         self.refused = 0

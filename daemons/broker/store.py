@@ -342,14 +342,15 @@ class Store:
         if self.busy or not (self.ops or self.releases or self.reads):
             return
         ops = [op for op in self.ops if op is not None]
+        releases = self.releases
+        self.ops, self.releases = [], []
+        self.pending_msg.clear()
         if not ops and not self.reads:
-            self._release(self.releases)  # nothing to write: only order kept them back
-            self.releases = []
+            self._release(releases)  # nothing to write: only order kept them back
             return
         self.busy = True
-        self._jobs.put((ops, self.releases, self.reads))
-        self.ops, self.releases, self.reads = [], [], []
-        self.pending_msg.clear()
+        self._jobs.put((ops, releases, self.reads))
+        self.reads = []
 
     def _committed(self, releases: list, results: list) -> None:
         self.busy = False

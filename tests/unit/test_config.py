@@ -43,7 +43,8 @@ def test_shipped_file_documents_every_key_with_its_default():
                 continue  # the checkout's file deliberately overrides state_dir
             value = tomllib.loads(f"k = {seen[(name, f.name)]}")["k"]
             documented = getattr(config.parse({name: {f.name: value}}, SHIPPED), name)
-            assert getattr(documented, f.name) == f.default, f"[{name}] {f.name} documents a wrong default"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert getattr(documented, f.name) == default, f"[{name}] {f.name} documents a wrong default"
 
 
 def test_defaults_apply_when_no_file_is_found(monkeypatch, tmp_path):
@@ -118,3 +119,12 @@ def test_missing_named_config_exits_78(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tests/integration/sample_daemon.py"), "--config",
                         str(tmp_path / "nope.toml")], capture_output=True, text=True, timeout=30)
     assert r.returncode == 78 and "nope.toml" in r.stderr and "no such file" in r.stderr
+
+
+def test_max_inflight_per_client_takes_a_table_of_patterns():
+    cfg = config.parse({"broker": {"max_inflight_per_client": {"meter-*": 200}}}, None)
+    assert cfg.broker.max_inflight_per_client == {"meter-*": 200}
+    with pytest.raises(config.ConfigError, match=r"\[broker\] max_inflight_per_client: expected a table"):
+        config.parse({"broker": {"max_inflight_per_client": {"meter-*": 0}}}, None)
+    with pytest.raises(config.ConfigError, match="expected a table"):
+        config.parse({"broker": {"max_inflight_per_client": 5}}, None)

@@ -215,3 +215,16 @@ def test_a_qos0_publish_or_an_unsubscribed_topic_is_never_held():
     assert b.handle(pub, p.Publish("q0", b"c", 1, packet_id=2))  # delivered at the granted QoS 0
     assert b.handle(pub, p.Publish("other", b"d", 1, packet_id=3))  # nobody subscribed
     assert not b.handle(pub, p.Publish("full", b"e", 1, packet_id=4))
+
+
+def test_a_client_named_in_inflight_per_client_gets_its_own_window():
+    b = Broker(Log("t"), Limits(max_inflight=2, inflight_per_client=(("*-ingest", 50),)))
+    ingest, _ = connect(b, "iot-ingest")
+    other, _ = connect(b, "iot-ingest-not")
+    b.handle(ingest, p.Subscribe(1, (("t", 1),)))
+    b.handle(other, p.Subscribe(1, (("t", 1),)))
+    pub, _ = connect(b, "pub")
+    for i in range(60):
+        b.handle(pub, p.Publish("t", b"x", 1, packet_id=i + 1))
+    assert sum(isinstance(x, p.Publish) for x in ingest.packets()) == 50
+    assert sum(isinstance(x, p.Publish) for x in other.packets()) == 2
