@@ -110,6 +110,8 @@ class Limits:
 class NoStore:
     """Persistence off: acknowledgements go out at once, nothing is written."""
 
+    bytes = 0
+
     def ack(self, conn, data: bytes, durable: bool) -> None:
         conn.send(data)
 
@@ -403,6 +405,7 @@ class Broker:
             "$SYS/broker/retained messages/count": str(len(self.retained)),
             "$SYS/broker/subscriptions/count": str(len(self.tree)),
             "$SYS/broker/store/messages/count": str(sum(x.pending() for x in self.sessions.values())),
+            "$SYS/broker/store/messages/bytes": str(self.store.bytes),
         }
 
     def publish_sys(self) -> None:
