@@ -128,6 +128,8 @@ class Broker:
         self.limits = limits
         self.store = store if store is not None else NoStore()
         self.persist = store is not None
+        if store is not None:
+            store.on_room = self.wake_all
         self.sessions: dict[str, Session] = {}
         self.tree = SubscriptionTree()
         self.retained = RetainedStore()
@@ -289,6 +291,11 @@ class Broker:
         if session.waiters:
             self._wake(session)
 
+    def wake_all(self) -> None:
+        for session in self.sessions.values():
+            if session.waiters:
+                self._wake(session)
+
     def _wake(self, session: Session) -> None:
         if session.can_take():
             waiters, session.waiters = session.waiters, set()
@@ -416,7 +423,7 @@ class Broker:
         s = self.stats
         return (f"clients={self.connected} sessions={len(self.sessions)} msgs_in={s.publish_received} "
                 f"msgs_out={s.publish_sent} dropped={s.publish_dropped} held={s.publish_held} "
-                f"retained={len(self.retained)}")
+                f"retained={len(self.retained)} stored_bytes={self.store.bytes}")
 
 
 __all__ = ["Broker", "Limits", "Message", "Stats", "Will"]

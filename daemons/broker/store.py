@@ -85,6 +85,9 @@ SQL_PAGE = ("SELECT seq, topic, payload, qos, retain, pid, pubrel FROM messages 
             "WHERE sid = ? AND seq > ? ORDER BY seq LIMIT ?")
 
 RETRY_AFTER = 1.0
+# Writes waiting for the writer thread past which has_room() says no: a disk slower than the
+# publishers holds them back (flow control) instead of growing the batch in memory.
+MAX_PENDING = 100_000
 
 
 @dataclass(slots=True)
@@ -119,6 +122,7 @@ class Store:
         self.bytes = 0  # topic + payload bytes of the queued messages in the store
         self.commits = self.written = self.failures = 0
         self.next_seq = self.next_sid = 1
+        self.on_room = None  # called when has_room() may have turned true again
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
@@ -332,7 +336,7 @@ class Store:
             self.loop.call_soon(self.flush)
 
     def has_room(self) -> bool:
-        return self.bytes < self.quota
+        return self.bytes < self.quota and len(self.ops) < MAX_PENDING
 
     def pending(self) -> int:
         return len(self.ops) + len(self.releases) + len(self.reads)
@@ -354,6 +358,8 @@ class Store:
 
     def _committed(self, releases: list, results: list) -> None:
         self.busy = False
+        if self.on_room is not None and len(self.ops) >= MAX_PENDING:
+            self.loop.call_soon(self.on_room)  # after this batch is handed over: room again
         self._release(releases)
         for callback, rows in results:
             callback(rows)
