@@ -113,6 +113,11 @@ class BrokerConfig:
     # Seconds a new connection may take to send CONNECT.
     connect_timeout: float = field(default=10.0, metadata=_range(0.1, 3600))
     max_inflight_messages: int = field(default=20, metadata=_range(1, 65535))
+    # A larger window for the clients named here (fnmatch patterns of client ids): a consumer
+    # that commits in batches, such as iot-ingest ("<client_id_prefix>-ingest"), needs
+    # thousands of messages in flight to batch at all; 20 makes it commit 20 rows at a time.
+    max_inflight_per_client: dict[str, int] = field(default_factory=lambda: {"*-ingest": 5000},
+                                                    metadata=_range(1, 65535))
     # Deliberately above Mosquitto's 1000: a persistent consumer (iot-ingest) that is down for a
     # while must not lose what the broker already acknowledged to its publishers.
     max_queued_messages: int = field(default=100_000, metadata=_range(0, 10_000_000))
@@ -142,6 +147,14 @@ class BrokerConfig:
     # Seconds a client's output may stay above the high-water mark (it reads nothing) before
     # the connection is aborted.
     write_timeout: float = field(default=30.0, metadata=_range(0.1, 86400))
+    # A queue's bound in memory by bytes (topic + payload) as well as by count; 0 = count only.
+    max_queued_bytes: int = field(default=64 * 1024**2, metadata=_range(0, 2**40))
+    # Retained messages and persistent sessions (subscriptions, queued and in-flight messages)
+    # kept on disk, in <state_dir>/broker unless persistence_location says otherwise.
+    persistence: bool = True
+    persistence_location: Path | None = None
+    # Bytes of queued messages the store may hold; past it flow control begins (queue_full).
+    max_store_bytes: int = field(default=1024**3, metadata=_range(1024**2, 2**50))
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +351,12 @@ def _convert(f: dataclasses.Field, value: Any, key: str, path: Path | None, base
             # normpath, not resolve(): tidy "etc/iot/../../var" without following symlinks.
             return p if p.is_absolute() else Path(os.path.normpath(base / p))
         return value
+    if kind == "dict[str, int]":
+        lo, hi = f.metadata.get("range", (None, None))
+        if not isinstance(value, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi for v in value.values()):
+            raise ConfigError(path, key, f"expected a table of names to integers from {lo} to {hi}, got {value!r}")
+        return dict(value)
     if kind == "tuple[str, ...]":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(path, key, f"expected a list of strings, got {value!r}")

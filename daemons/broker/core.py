@@ -41,10 +41,18 @@ retained; `expire_sessions()` (the server calls it once a second) removes persis
 whose client has been away longer than `persistent_client_expiration`. Each refusal is
 counted in `Stats` ($SYS/broker/limits/...) and logged by `limit_hit()`, the first and then
 one line per 1000 of each kind, so a hostile client cannot flood the journal either.
+Persistence (store.py, `[broker] persistence`): a persistent session's subscriptions, its
+queued and in-flight QoS 1/2 messages and its QoS 2 receive state are written to the store,
+and so are retained messages. An acknowledgement that depends on a write (the PUBACK of a
+message queued for a persistent session, a SUBACK) goes out through `store.ack()`, which sends
+it once that write is committed. With a store, a persistent session's queue continues on disk
+past `max_queued_messages`/`max_queued_bytes` (the memory bound) until the store's quota, and
+only then does flow control begin.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import time
 from dataclasses import dataclass
@@ -112,12 +120,39 @@ class Limits:
     max_retained_messages: int = 100_000  # not counting the broker's own $SYS topics
     max_retained_bytes: int = 64 * 1024 * 1024  # topics + payloads
     session_expiry: float = 30 * 86400.0  # seconds a persistent session outlives its client; 0 = for ever
+    max_queued_bytes: int = 0  # 0: no bound by bytes
+    inflight_per_client: tuple[tuple[str, int], ...] = ()  # (fnmatch pattern, window)
+
+    def inflight_for(self, client_id: str) -> int:
+        for pattern, window in self.inflight_per_client:
+            if fnmatch.fnmatchcase(client_id, pattern):
+                return window
+        return self.max_inflight
+
+
+class NoStore:
+    """Persistence off: acknowledgements go out at once, nothing is written."""
+
+    bytes = 0
+
+    def ack(self, conn, data: bytes, durable: bool) -> None:
+        conn.send(data)
+
+    def mark(self) -> int:
+        return 0
+
+    def retain(self, topic: str, payload: bytes, qos: int) -> None:
+        pass
 
 
 class Broker:
-    def __init__(self, log: Log, limits: Limits = Limits(), clock=time.monotonic):
+    def __init__(self, log: Log, limits: Limits = Limits(), clock=time.monotonic, store=None):
         self.log = log
         self.limits = limits
+        self.store = store if store is not None else NoStore()
+        self.persist = store is not None
+        if store is not None:
+            store.on_room = self.wake_all
         self.sessions: dict[str, Session] = {}
         self.tree = SubscriptionTree()
         self.retained = RetainedStore()
@@ -168,10 +203,14 @@ class Broker:
             session = None
         present = session is not None
         if session is None:
-            session = Session(client_id, pkt.clean_session, self.limits.max_inflight, self.limits.max_queued)
-            self.sessions[client_id] = session
+            session = self._new_session(client_id, pkt.clean_session)
+            if self.persist and not pkt.clean_session:
+                session.store = self.store
+                session.sid = self.store.new_session(client_id, {})
         session.clean = pkt.clean_session
         session.attach(conn)
+        if session.sid is not None:
+            self.store.save_session(session.sid, client_id, session.subscriptions, None)
         conn.session = session
         conn.will = pkt.will
         conn.keepalive = pkt.keep_alive
@@ -194,6 +233,8 @@ class Broker:
         conn.session = None
         self.connected -= 1
         session.detach(self.clock())
+        if session.sid is not None and not session.clean:
+            self.store.save_session(session.sid, session.client_id, session.subscriptions, session.disconnected_at)
         will, conn.will = conn.will, None
         if session.clean:
             self._drop_session(session)
@@ -204,6 +245,9 @@ class Broker:
         for f in session.subscriptions:
             self.tree.unsubscribe(session, f)
         session.subscriptions.clear()
+        if session.sid is not None:
+            self.store.drop_session(session.sid, session.stored_bytes)
+            session.store = session.sid = None
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
 
@@ -240,14 +284,18 @@ class Broker:
             if qos and self.limits.queue_full == "block" and not self._room(conn, matches):
                 return False
         self.stats.publish_received += 1
+        store = self.store
+        mark = store.mark()
         if qos == 2:
             session.incoming_qos2.add(pkt.packet_id)
+            if session.sid is not None:
+                store.qos2_in(session.sid, pkt.packet_id, True)
         if routed:
             self.publish(Message(pkt.topic, pkt.payload, qos, pkt.retain), matches)
-        if qos == 1:
-            conn.send(b"\x40\x02" + pkt.packet_id.to_bytes(2, "big"))
-        elif qos == 2:
-            conn.send(b"\x50\x02" + pkt.packet_id.to_bytes(2, "big"))
+        if qos:
+            # Acknowledged once what it wrote to the store is on disk [store.py].
+            store.ack(conn, (b"\x40\x02" if qos == 1 else b"\x50\x02") + pkt.packet_id.to_bytes(2, "big"),
+                      store.mark() != mark)
         return True
 
     def _room(self, conn, matches: dict[Session, int]) -> bool:
@@ -278,6 +326,11 @@ class Broker:
         if session.waiters:
             self._wake(session)
 
+    def wake_all(self) -> None:
+        for session in self.sessions.values():
+            if session.waiters:
+                self._wake(session)
+
     def _wake(self, session: Session) -> None:
         if session.can_take():
             waiters, session.waiters = session.waiters, set()
@@ -285,8 +338,14 @@ class Broker:
                 conn.retry_held()
 
     def _pubrel(self, conn, pkt: Pubrel) -> None:
-        conn.session.incoming_qos2.discard(pkt.packet_id)
-        conn.send(b"\x70\x02" + pkt.packet_id.to_bytes(2, "big"))  # PUBCOMP even for an unknown id
+        session: Session = conn.session
+        durable = pkt.packet_id in session.incoming_qos2 and session.sid is not None
+        session.incoming_qos2.discard(pkt.packet_id)
+        if durable:
+            # Not forgotten on disk before PUBCOMP: a restart could take a new PUBLISH reusing
+            # the id for a retransmission and not route it.
+            self.store.qos2_in(session.sid, pkt.packet_id, False)
+        self.store.ack(conn, b"\x70\x02" + pkt.packet_id.to_bytes(2, "big"), durable)  # even for an unknown id
 
     def publish(self, msg: Message, matches: dict[Session, int] | None = None) -> None:
         """Store if retained, then deliver to every matching session once."""
@@ -325,7 +384,8 @@ class Broker:
             session.subscriptions[topic_filter] = qos
             codes.append(qos)
             accepted.append((topic_filter, qos))
-        conn.send(encode(Suback(pkt.packet_id, tuple(codes))))
+        self._save_subscriptions(session)
+        self.store.ack(conn, encode(Suback(pkt.packet_id, tuple(codes))), session.sid is not None)
         # Retained messages follow the SUBACK, with the retain flag set [MQTT-3.3.1-6, -8].
         for (topic_filter, granted) in accepted:
             for r in self.retained.match(topic_filter):
@@ -336,7 +396,34 @@ class Broker:
         for topic_filter in pkt.topics:
             if session.subscriptions.pop(topic_filter, None) is not None:
                 self.tree.unsubscribe(session, topic_filter)
-        conn.send(encode(Unsuback(pkt.packet_id)))  # even if nothing matched [MQTT-3.10.4-5]
+        self._save_subscriptions(session)
+        self.store.ack(conn, encode(Unsuback(pkt.packet_id)), session.sid is not None)  # even if nothing matched [MQTT-3.10.4-5]
+
+    def _save_subscriptions(self, session: Session) -> None:
+        if session.sid is not None:
+            self.store.save_session(session.sid, session.client_id, session.subscriptions, None)
+
+    # sessions ------------------------------------------------------------------------------
+
+    def _new_session(self, client_id: str, clean: bool) -> Session:
+        lim = self.limits
+        session = Session(client_id, clean, lim.inflight_for(client_id), lim.max_queued, lim.max_queued_bytes)
+        self.sessions[client_id] = session
+        return session
+
+    def restore(self, loaded) -> None:
+        """Take what the store read at start (store.Loaded): persistent sessions with their
+        subscriptions and queues, and retained messages."""
+        for s in loaded.sessions:
+            session = self._new_session(s.client_id, False)
+            session.restore(self.store, s.sid, s.rows, s.on_disk, s.stored_bytes)
+            session.incoming_qos2 = s.qos2_in
+            session.disconnected_at = s.disconnected_at or self.clock()
+            for topic_filter, qos in s.subscriptions.items():
+                self.tree.subscribe(session, topic_filter, qos)
+                session.subscriptions[topic_filter] = qos
+        for topic, payload, qos in loaded.retained:
+            self.retained.set(topic, payload, qos)
 
     # limits ----------------------------------------------------------------------------------
 
@@ -390,6 +477,8 @@ class Broker:
                                retained=count, retained_bytes=nbytes)
                 return
         self.retained.set(msg.topic, msg.payload, msg.qos)
+        if not msg.topic.startswith("$SYS/"):
+            self.store.retain(msg.topic, msg.payload, msg.qos)
 
     def expire_sessions(self, now: float) -> int:
         """Remove every persistent session whose client has been away longer than
@@ -450,6 +539,7 @@ class Broker:
             "$SYS/broker/limits/connect_size/refused": str(s.connect_size_refused),
             "$SYS/broker/limits/connection_rate/refused": str(s.connection_rate_refused),
             "$SYS/broker/limits/write_timeout/closed": str(s.write_timeout_closed),
+            "$SYS/broker/store/messages/bytes": str(self.store.bytes),
         }
 
     def publish_sys(self) -> None:
@@ -460,7 +550,7 @@ class Broker:
         s = self.stats
         return (f"clients={self.connected} sessions={len(self.sessions)} msgs_in={s.publish_received} "
                 f"msgs_out={s.publish_sent} dropped={s.publish_dropped} held={s.publish_held} "
-                f"retained={len(self.retained)}")
+                f"retained={len(self.retained)} stored_bytes={self.store.bytes}")
 
 
 __all__ = ["Broker", "Limits", "Message", "Stats", "Will"]

@@ -47,6 +47,7 @@ import asyncio
 import errno
 import os
 import resource
+import sqlite3
 import sys
 import time
 
@@ -58,6 +59,7 @@ from collections import deque
 from .core import Broker, Limits
 from .packets import (Connack, PacketTooLarge, Pingreq, ProtocolError, Puback, Pubcomp, Publish, Pubrec, Pubrel,
                       Reader, encode)
+from .store import Store
 
 # Per-connection output buffered in asyncio beyond which QoS 0 messages to that client are
 # dropped (and counted) rather than held in memory without bound, and the client is not read.
@@ -257,15 +259,18 @@ class Connection(asyncio.Protocol):
 
 
 class Server:
-    def __init__(self, cfg: BrokerConfig, log: Log, loop: asyncio.AbstractEventLoop):
+    def __init__(self, cfg: BrokerConfig, log: Log, loop: asyncio.AbstractEventLoop, store: Store | None = None):
         self.cfg, self.log, self.loop = cfg, log, loop
         self.broker = Broker(log, Limits(cfg.max_inflight_messages, cfg.max_queued_messages,
                                          cfg.allow_zero_length_clientid, cfg.queue_full,
+                                         max_queued_bytes=cfg.max_queued_bytes,
+                                         inflight_per_client=tuple(cfg.max_inflight_per_client.items()),
                                          max_topic_levels=cfg.max_topic_levels,
                                          max_subscriptions=cfg.max_subscriptions_per_client,
                                          max_retained_messages=cfg.max_retained_messages,
                                          max_retained_bytes=cfg.max_retained_bytes,
-                                         session_expiry=expiration_seconds(cfg.persistent_client_expiration)))
+                                         session_expiry=expiration_seconds(cfg.persistent_client_expiration)),
+                             clock=time.time, store=store)
         self.conns: set[Connection] = set()
         self.refused = 0
         self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when counted)
@@ -351,7 +356,20 @@ async def serve(svc: Service) -> None:
     port = svc.args.port if svc.args.port is not None else cfg.port
     loop = asyncio.get_running_loop()
     _raise_fd_limit(cfg.max_connections)
-    srv = Server(cfg, svc.log, loop)
+    store = None
+    if cfg.persistence:
+        where = cfg.persistence_location or svc.config.paths.state_dir / "broker"
+        store = Store(where / "store.db", svc.log, loop, cfg.max_store_bytes, os.environ.get("IOT_BROKER_FAILPOINT", ""))
+    srv = Server(cfg, svc.log, loop, store)
+    if store is not None:
+        try:
+            loaded = store.open(page=max(cfg.max_queued_messages, cfg.max_inflight_messages))
+        except (OSError, sqlite3.Error) as e:
+            raise Exit(service.EX_OSERR, f"cannot open the store {store.path}: {e}") from None
+        srv.broker.restore(loaded)
+        svc.log.info("store opened", store=store.path, sessions=len(loaded.sessions), retained=len(loaded.retained),
+                     queued=sum(len(s.rows) + s.on_disk for s in loaded.sessions),
+                     queued_bytes=store.bytes, skipped=loaded.skipped)
     try:
         listener = await loop.create_server(lambda: Connection(srv), cfg.host, port, backlog=1024)
     except OSError as e:
@@ -369,6 +387,8 @@ async def serve(svc: Service) -> None:
         listener.close()
         srv.close_all()
         await asyncio.sleep(0)  # let the closes flush
+        if store is not None:
+            store.close()
 
 
 def _port(text: str) -> int:

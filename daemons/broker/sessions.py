@@ -75,35 +75,50 @@ class Message:
 
 
 class Outgoing:
-    __slots__ = ("msg", "qos", "pubrel_sent", "retain")
+    __slots__ = ("msg", "qos", "pubrel_sent", "retain", "seq")
 
-    def __init__(self, msg: Message, qos: int, retain: bool):
-        self.msg, self.qos, self.retain = msg, qos, retain
+    def __init__(self, msg: Message, qos: int, retain: bool, seq: int | None = None):
+        self.msg, self.qos, self.retain, self.seq = msg, qos, retain, seq
         self.pubrel_sent = False
+
+
+def _size(msg: Message) -> int:
+    return len(msg.topic_bytes) + len(msg.payload)
 
 
 class Session:
     __slots__ = (
-        "client_id", "clean", "conn", "will", "subscriptions", "inflight", "queue",
-        "incoming_qos2", "max_inflight", "max_queued", "dropped", "waiters", "_next_pid",
-        "disconnected_at",
+        "client_id", "clean", "conn", "will", "subscriptions", "inflight", "queue", "queued_bytes",
+        "incoming_qos2", "max_inflight", "max_queued", "max_queued_bytes", "dropped", "waiters",
+        "_next_pid", "store", "sid", "on_disk", "last_seq", "loading", "disconnected_at", "stored_bytes",
     )
 
-    def __init__(self, client_id: str, clean: bool, max_inflight: int, max_queued: int):
+    def __init__(self, client_id: str, clean: bool, max_inflight: int, max_queued: int,
+                 max_queued_bytes: int = 0):
         self.client_id = client_id
         self.clean = clean
         self.conn: Link | None = None
         self.will: Will | None = None
         self.subscriptions: dict[str, int] = {}
         self.inflight: dict[int, Outgoing] = {}
-        self.queue: deque[tuple[Message, int, bool]] = deque()
+        self.queue: deque[tuple[Message, int, bool, int | None]] = deque()
+        self.queued_bytes = 0
         self.incoming_qos2: set[int] = set()
         self.max_inflight = max_inflight
         self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes or 1 << 62
         self.dropped = 0
         self.waiters: set = set()  # connections holding a PUBLISH until this session has room
         self._next_pid = 0
-        # When the client went away (the broker's clock), for persistent_client_expiration.
+        # Persistence (store.py): set for a persistent session when the broker has a store.
+        self.store = None
+        self.sid: int | None = None
+        self.on_disk = 0  # queued messages only in the store, after those in `queue`
+        self.last_seq = 0  # the newest message in memory (window or queue)
+        self.loading = False  # a page of on-disk messages is being read
+        self.stored_bytes = 0  # of this session's messages in the store
+        # When the client went away (the broker's clock: wall-clock time in the server, so it
+        # stays meaningful in the store across restarts), for persistent_client_expiration.
         self.disconnected_at: float | None = None
 
     def __repr__(self) -> str:
@@ -111,10 +126,16 @@ class Session:
 
     # delivery --------------------------------------------------------------------------------
 
+    def _memory_room(self) -> bool:
+        return len(self.queue) < self.max_queued and self.queued_bytes < self.max_queued_bytes
+
     def can_take(self) -> bool:
-        """Room for one more QoS 1/2 message: in the window now, or in the queue."""
-        return len(self.queue) < self.max_queued or (
-            self.conn is not None and len(self.inflight) < self.max_inflight and not self.queue)
+        """Room for one more QoS 1/2 message: in the window now, in the queue in memory, or
+        (a persistent session, persistence on) in the store until its quota."""
+        if not self.on_disk and (self._memory_room() or (
+                self.conn is not None and len(self.inflight) < self.max_inflight and not self.queue)):
+            return True
+        return self.store is not None and self.store.has_room()
 
     def deliver(self, msg: Message, qos: int, retain: bool = False) -> bool:
         """Send or queue `msg` at `qos`. False when it had to be dropped (queue full, QoS 0 to
@@ -128,18 +149,39 @@ class Session:
             conn.send(msg.qos0_bytes() if not retain else
                       encode_publish(msg.topic_bytes, msg.payload, 0, True, False, None))
             return True
-        if conn is not None and len(self.inflight) < self.max_inflight and not self.queue:
-            self._send_new(conn, msg, qos, retain)
-            return True
-        if len(self.queue) < self.max_queued:
-            self.queue.append((msg, qos, retain))
+        store = self.store
+        if not self.on_disk:
+            if conn is not None and len(self.inflight) < self.max_inflight and not self.queue:
+                seq = self._store(msg, qos, retain) if store else None
+                self._send_new(conn, msg, qos, retain, seq)
+                return True
+            if self._memory_room():
+                seq = self._store(msg, qos, retain) if store else None
+                self.queue.append((msg, qos, retain, seq))
+                self.queued_bytes += _size(msg)
+                if seq is not None:
+                    self.last_seq = seq
+                return True
+        if store is not None and store.has_room():
+            # Past memory: on disk only, paged back in order as the queue drains (`_fill`).
+            self._store(msg, qos, retain)
+            self.on_disk += 1
             return True
         self.dropped += 1
         return False
 
-    def _send_new(self, conn: Link, msg: Message, qos: int, retain: bool) -> None:
+    def _store(self, msg: Message, qos: int, retain: bool) -> int:
+        size = _size(msg)
+        self.stored_bytes += size
+        return self.store.message(self.sid, msg.topic, msg.payload, qos, retain, size)
+
+    def _send_new(self, conn: Link, msg: Message, qos: int, retain: bool, seq: int | None) -> None:
         pid = self._allocate_pid()
-        self.inflight[pid] = Outgoing(msg, qos, retain)
+        self.inflight[pid] = Outgoing(msg, qos, retain, seq)
+        if seq is not None:
+            self.last_seq = max(self.last_seq, seq)
+            if qos == 2:
+                self.store.sent(seq, pid)
         conn.send(encode_publish(msg.topic_bytes, msg.payload, qos, retain, False, pid))
 
     def _allocate_pid(self) -> int:
@@ -153,9 +195,35 @@ class Session:
 
     def _fill(self) -> None:
         conn = self.conn
-        while conn is not None and self.queue and len(self.inflight) < self.max_inflight:
-            msg, qos, retain = self.queue.popleft()
-            self._send_new(conn, msg, qos, retain)
+        queue = self.queue
+        while conn is not None and queue and len(self.inflight) < self.max_inflight:
+            msg, qos, retain, seq = queue.popleft()
+            self.queued_bytes -= _size(msg)
+            self._send_new(conn, msg, qos, retain, seq)
+        if self.on_disk and not self.loading and len(queue) <= self.max_queued // 2:
+            self.loading = True
+            self.store.read(self.sid, self.last_seq, max(1, min(1000, self.max_queued - len(queue))), self._paged_in)
+
+    def _paged_in(self, rows: list[tuple]) -> None:
+        self.loading = False
+        if self.store is None:
+            return  # the session ended while its page was read
+        for seq, topic, payload, qos, retain, _pid, _pubrel in rows:
+            msg = Message(topic, payload, qos, bool(retain))
+            self.queue.append((msg, qos, bool(retain), seq))
+            self.queued_bytes += _size(msg)
+            self.last_seq = seq
+        self.on_disk -= len(rows)
+        if not rows:
+            self.on_disk = 0  # nothing more there (counts can only be off after a salvage)
+        self._fill()
+
+    def _done(self, out: Outgoing) -> None:
+        if out.seq is not None and self.store is not None:
+            size = _size(out.msg)
+            self.stored_bytes -= size
+            self.store.done(out.seq, size)
+        self._fill()
 
     # acknowledgements from the client --------------------------------------------------------
 
@@ -163,11 +231,13 @@ class Session:
         out = self.inflight.get(pid)
         if out is not None and out.qos == 1:
             del self.inflight[pid]
-            self._fill()
+            self._done(out)
 
     def pubrec(self, pid: int) -> None:
         out = self.inflight.get(pid)
         if out is not None and out.qos == 2:
+            if not out.pubrel_sent and out.seq is not None and self.store is not None:
+                self.store.pubrel(out.seq)
             out.pubrel_sent = True
             # A PUBREC for an id we already released is answered again [MQTT-4.3.3-?]: harmless.
             if self.conn is not None:
@@ -177,7 +247,7 @@ class Session:
         out = self.inflight.get(pid)
         if out is not None and out.qos == 2 and out.pubrel_sent:
             del self.inflight[pid]
-            self._fill()
+            self._done(out)
 
     # connection changes ----------------------------------------------------------------------
 
@@ -201,5 +271,20 @@ class Session:
                 conn.send(encode_publish(out.msg.topic_bytes, out.msg.payload, out.qos, out.retain, True, pid))
         self._fill()
 
+    def restore(self, store, sid: int, rows: list[tuple], on_disk: int, stored_bytes: int) -> None:
+        """A persistent session read back from the store at start: QoS 2 messages that went out
+        keep their packet ids (the client may hold them), the rest queue in order."""
+        self.store, self.sid, self.on_disk, self.stored_bytes = store, sid, on_disk, stored_bytes
+        for seq, topic, payload, qos, retain, pid, pubrel in rows:
+            msg = Message(topic, payload, qos, bool(retain))
+            if qos == 2 and pid is not None and pid not in self.inflight:
+                out = self.inflight[pid] = Outgoing(msg, qos, bool(retain), seq)
+                out.pubrel_sent = bool(pubrel)
+                self._next_pid = max(self._next_pid, pid)
+            else:
+                self.queue.append((msg, qos, bool(retain), seq))
+                self.queued_bytes += _size(msg)
+            self.last_seq = seq
+
     def pending(self) -> int:
-        return len(self.inflight) + len(self.queue)
+        return len(self.inflight) + len(self.queue) + self.on_disk

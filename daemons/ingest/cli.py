@@ -170,6 +170,8 @@ def _stress_child(i: int, count: int, args: argparse.Namespace, mqtt: MqttConfig
 
         def read(timeout: float) -> None:
             sock = p.socket()
+            if sock is None:
+                raise RuntimeError("connection lost")
             if tuned and sock.pending():
                 timeout = 0.0  # bytes already buffered: select() would not see them
             r, _, _ = select.select([sock], [], [], timeout)
@@ -189,18 +191,43 @@ def _stress_child(i: int, count: int, args: argparse.Namespace, mqtt: MqttConfig
         now = time.time
         first = now()
         deadline = time.monotonic() + args.timeout
+
+        def reconnect() -> None:
+            """The broker went away (a restart): connect again, as any paho publisher would;
+            paho then sends every unacknowledged message again, with DUP."""
+            delay = 0.1
+            while time.monotonic() < deadline:
+                try:
+                    p.reconnect()
+                    until = min(deadline, time.monotonic() + 5)
+                    while not c.connected and time.monotonic() < until:
+                        write()
+                        read(0.1)
+                    if c.connected:
+                        return
+                except (OSError, RuntimeError):
+                    pass
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
+            raise RuntimeError(f"connection lost and not regained in {args.timeout:g}s")
+
         while counter[0] < count:
-            acked = counter[0]
-            while sent < count and sent - acked < window:
-                body = encode_body(f"{run}-{i}-{sent}", f"stress-{i}-{sent % 16}", now(),
-                                   {"temp": 20.0 + (sent % 100) / 10, "seq": sent})
-                publish(topic, sign(body), 1)
-                sent += 1
-            write()  # the burst, in one send()
-            read(1.0)
-            p.loop_misc()
-            if not c.connected or time.monotonic() > deadline:
-                raise RuntimeError("connection lost" if not c.connected else f"not all acked in {args.timeout:g}s")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not all acked in {args.timeout:g}s")
+            try:
+                acked = counter[0]
+                while sent < count and sent - acked < window:
+                    body = encode_body(f"{run}-{i}-{sent}", f"stress-{i}-{sent % 16}", now(),
+                                       {"temp": 20.0 + (sent % 100) / 10, "seq": sent})
+                    publish(topic, sign(body), 1)
+                    sent += 1
+                write()  # the burst, in one send()
+                read(1.0)
+                p.loop_misc()
+                if not c.connected:
+                    raise RuntimeError("connection lost")
+            except (OSError, RuntimeError):
+                reconnect()
         last = now()
         acked = counter[0]
         p.disconnect()

@@ -15,7 +15,9 @@ from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
 LOG = Log("test")
-SMALL = "max_inflight_messages = 10\nmax_queued_messages = 50\n"
+# Persistence off: the queue's bound is then its memory bound (with persistence it would
+# continue on disk; see test_broker_persistence.py for flow control at the store's quota).
+SMALL = "max_inflight_messages = 10\nmax_queued_messages = 50\npersistence = false\n"
 
 
 def client(port: int, cid: str, **kw) -> MqttClient:
@@ -95,7 +97,7 @@ def test_a_stuck_consumer_does_not_hold_publishers_of_other_topics(broker_factor
 def test_a_client_subscribed_to_what_it_publishes_is_not_deadlocked(broker_factory):
     """Held, it must still be able to acknowledge what it receives, or its own queue would
     never drain: acknowledgements pass a held PUBLISH."""
-    b = broker_factory("max_inflight_messages = 5\nmax_queued_messages = 10\nsys_interval = 0\n")
+    b = broker_factory("max_inflight_messages = 5\nmax_queued_messages = 10\nsys_interval = 0\npersistence = false\n")
     got: list[bytes] = []
     c = client(b.port, "self", subscriptions=[("loop", 1)], on_message=lambda m: got.append(m.payload),
                max_inflight=100)

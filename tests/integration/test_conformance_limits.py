@@ -107,7 +107,7 @@ def test_max_queued_messages_drops_and_counts_overflow_with_queue_full_drop(brok
     counted ($SYS/broker/publish/messages/dropped) and logged; on reconnect exactly the 3 kept
     messages arrive, in order."""
     b = broker_factory("max_queued_messages = 3\nmax_inflight_messages = 1\nsys_interval = 0.5\n"
-                       'queue_full = "drop"\n')
+                       'queue_full = "drop"\npersistence = false\n')
     c = client(b.port, "mq", clean=False, subs=[("mq/t", 1)])
     c.disconnect()
     with client(b.port, "mq-pub") as p:
@@ -135,7 +135,7 @@ def test_max_queued_messages_online_client_behind_inflight_window(broker_factory
     """For a connected client the queue sits behind the in-flight window: with
     max_inflight_messages = 1 and max_queued_messages = 2, of 5 messages published while the
     client does not acknowledge, 1 is sent, 2 are queued and 2 dropped (queue_full = "drop")."""
-    b = broker_factory('max_queued_messages = 2\nmax_inflight_messages = 1\nqueue_full = "drop"\n')
+    b = broker_factory('max_queued_messages = 2\nmax_inflight_messages = 1\nqueue_full = "drop"\npersistence = false\n')
     with client(b.port, "mqo", subs=[("mqo/t", 1)]) as s, client(b.port, "mqo-pub") as p:
         for i in range(5):
             p.send(publish("mqo/t", b"%d" % i, qos=1, mid=i + 1))
@@ -150,11 +150,11 @@ def test_max_queued_messages_online_client_behind_inflight_window(broker_factory
 
 
 def test_a_full_queue_holds_the_publisher_back_unacknowledged_by_default(broker_factory):
-    """queue_full = "block" (the default): with max_queued_messages = 3 an offline persistent
+    """queue_full = "block" (the default), persistence off: with max_queued_messages = 3 an offline persistent
     session takes 3 QoS 1 messages; the 4th PUBLISH is not acknowledged (a ping round shows
     nothing came before the PINGRESP) until the subscriber returns and acknowledges, and then
     every one of the 7 is delivered, in order, and acknowledged to the publisher."""
-    b = broker_factory("max_queued_messages = 3\nmax_inflight_messages = 1\n")
+    b = broker_factory("max_queued_messages = 3\nmax_inflight_messages = 1\npersistence = false\n")
     c = client(b.port, "mqb", clean=False, subs=[("mqb/t", 1)])
     c.disconnect()
     with client(b.port, "mqb-pub") as p:

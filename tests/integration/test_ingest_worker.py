@@ -379,7 +379,7 @@ def test_ingest_down_with_its_queue_full_holds_the_publishers_and_loses_nothing(
     the broker holds the publishers back instead of acknowledging and dropping (it dropped
     96,400 of 200,000 acknowledged messages once). Every message lands exactly once."""
     n = 30_000
-    b = broker_factory("max_queued_messages = 5000\nsys_interval = 0\n")
+    b = broker_factory("max_queued_messages = 5000\nsys_interval = 0\npersistence = false\n")
     node = node_factory(b.port)
     proc, _ = start_ingest(daemon, node)
     load = node.stress(n, "full", processes=4)
@@ -392,3 +392,46 @@ def test_ingest_down_with_its_queue_full_holds_the_publishers_and_loses_nothing(
     node.wait_rows(n, 120)
     assert set(node.rows()) == stress_ids("full", n, 4)
     assert "messages dropped" not in b.proc.log()
+
+
+# -- the 200,000-message scenario of issue 17, on the shipped defaults (SQLite, our broker with
+# its persistence and its window for iot-ingest) ------------------------------------------------
+
+
+def test_200000_messages_ingest_killed_9_mid_run_every_row_exactly_once(broker_factory, daemon, node_factory):
+    n = 200_000
+    b = broker_factory("sys_interval = 0\n")
+    node = node_factory(b.port)
+    proc, _ = start_ingest(daemon, node)
+    load = node.stress(n, "big", processes=4)
+    wait_for(lambda: node.count() >= 20_000, 120, 0.05, what="20,000 rows before the kill")
+    proc.kill()
+    landed_before = node.rows()
+    assert len(landed_before) < n, "the kill should land mid-run"
+    start_ingest(daemon, node)
+    finish(load, n)
+    node.wait_rows(n, 240)
+    after = node.rows()
+    assert set(after) == stress_ids("big", n, 4)
+    assert {k: after[k] for k in landed_before} == landed_before
+    assert "messages dropped" not in b.proc.log()
+
+
+def test_200000_messages_broker_killed_9_mid_run_every_row_exactly_once(broker_factory, daemon, node_factory):
+    """The broker dies with -9 and comes back on the same port: the publishers (paho) send
+    again what it had not acknowledged, iot-ingest reconnects to its persistent session, and
+    what the broker had acknowledged comes from its store."""
+    n = 200_000
+    b = broker_factory("sys_interval = 0\n")
+    node = node_factory(b.port)
+    start_ingest(daemon, node)
+    load = node.stress(n, "bk", processes=4)
+    wait_for(lambda: node.count() >= 20_000, 120, 0.05, what="20,000 rows before the kill")
+    b.proc.kill()
+    assert node.count() < n, "the kill should land mid-run"
+    b2 = broker_factory("sys_interval = 0\n", port=b.port)
+    result = finish(load, n)
+    node.wait_rows(n, 240)
+    assert set(node.rows()) == stress_ids("bk", n, 4)
+    assert "store opened" in b2.proc.log()
+    assert result["errors"] == []

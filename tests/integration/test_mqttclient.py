@@ -3,10 +3,9 @@
 import queue
 import subprocess
 import sys
-import time
 
 from daemons.config import MqttConfig
-from daemons.mqttclient import MqttClient, Will, backoff
+from daemons.mqttclient import MqttClient, backoff
 from daemons.service import Log
 from tests.support import wait_for
 

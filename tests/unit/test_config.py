@@ -43,7 +43,8 @@ def test_shipped_file_documents_every_key_with_its_default():
                 continue  # the checkout's file deliberately overrides state_dir
             value = tomllib.loads(f"k = {seen[(name, f.name)]}")["k"]
             documented = getattr(config.parse({name: {f.name: value}}, SHIPPED), name)
-            assert getattr(documented, f.name) == f.default, f"[{name}] {f.name} documents a wrong default"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert getattr(documented, f.name) == default, f"[{name}] {f.name} documents a wrong default"
 
 
 def test_defaults_apply_when_no_file_is_found(monkeypatch, tmp_path):
@@ -143,3 +144,12 @@ def test_persistent_client_expiration_takes_mosquittos_format(tmp_path, text, se
 def test_persistent_client_expiration_refuses_anything_else(text):
     with pytest.raises(ValueError, match="whole number and a unit"):
         config.expiration_seconds(text)
+
+
+def test_max_inflight_per_client_takes_a_table_of_patterns():
+    cfg = config.parse({"broker": {"max_inflight_per_client": {"meter-*": 200}}}, None)
+    assert cfg.broker.max_inflight_per_client == {"meter-*": 200}
+    with pytest.raises(config.ConfigError, match=r"\[broker\] max_inflight_per_client: expected a table"):
+        config.parse({"broker": {"max_inflight_per_client": {"meter-*": 0}}}, None)
+    with pytest.raises(config.ConfigError, match="expected a table"):
+        config.parse({"broker": {"max_inflight_per_client": 5}}, None)

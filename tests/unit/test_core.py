@@ -356,3 +356,29 @@ def test_limits_are_counted_under_sys_broker_limits():
     assert names == {f"$SYS/broker/limits/{n}" for n in (
         "topic_levels/refused", "subscriptions/refused", "retained/refused", "sessions/expired",
         "connect_size/refused", "connection_rate/refused", "write_timeout/closed")}
+def test_a_client_named_in_inflight_per_client_gets_its_own_window():
+    b = Broker(Log("t"), Limits(max_inflight=2, inflight_per_client=(("*-ingest", 50),)))
+    ingest, _ = connect(b, "iot-ingest")
+    other, _ = connect(b, "iot-ingest-not")
+    b.handle(ingest, p.Subscribe(1, (("t", 1),)))
+    b.handle(other, p.Subscribe(1, (("t", 1),)))
+    pub, _ = connect(b, "pub")
+    for i in range(60):
+        b.handle(pub, p.Publish("t", b"x", 1, packet_id=i + 1))
+    assert sum(isinstance(x, p.Publish) for x in ingest.packets()) == 50
+    assert sum(isinstance(x, p.Publish) for x in other.packets()) == 2
+
+
+def test_a_queue_is_bounded_by_bytes_as_well_as_by_count():
+    b = Broker(Log("t"), Limits(max_inflight=1, max_queued=1000, max_queued_bytes=1000))
+    sub, _ = connect(b, "s", clean=False)
+    b.handle(sub, p.Subscribe(1, (("t", 1),)))
+    b.closed(sub, graceful=True)
+    pub, _ = connect(b, "pub")
+    taken = 0
+    for i in range(50):
+        if not b.handle(pub, p.Publish("t", b"x" * 100, 1, packet_id=i + 1)):
+            break
+        taken += 1
+    assert taken == 10  # 10 x (100 + len("t")) bytes reach the bound; the 11th is held back
+    assert b.stats.publish_held == 1
