@@ -32,7 +32,8 @@ connection is `congested()`: QoS 0 messages to it are dropped (counted), and it 
 more, so its own input cannot make PUBACKs, SUBACKs or PINGRESPs pile up either. Reading
 resumes with `resume_writing` unless flow control holds it paused too (`_set_reading` asks
 both); while not read it is not timed out for keep-alive either. A client whose output
-stays above the mark for `write_timeout` seconds is aborted by the sweep, as is one we closed
+stays above the mark for `write_timeout` seconds without draining any of it is aborted by
+the sweep (a slow reader on a thin link drains some and stays), as is one we closed
 that still has not taken its last bytes by then (a close waits for the buffer to drain).
 
 Limits at the transport: before CONNECT is accepted the reader takes packets of at most
@@ -79,7 +80,7 @@ class Connection(asyncio.Protocol):
         "srv", "broker", "stats", "reader", "transport", "session", "will", "keepalive",
         "last_rx", "opened", "out", "flush_scheduled", "closing", "paused", "peer", "loop",
         "held", "held_bytes", "reading", "retry_scheduled",
-        "held_full", "paused_at", "out_bytes", "closed_at",
+        "held_full", "paused_at", "paused_size", "out_bytes", "closed_at",
     )
 
     def __init__(self, srv: Server):
@@ -104,7 +105,8 @@ class Connection(asyncio.Protocol):
         self.reading = True
         self.retry_scheduled = False
         self.held_full = False  # flow control wants reading paused
-        self.paused_at = 0.0  # when output last went over the high-water mark
+        self.paused_at = 0.0  # when output last went over the high-water mark, or last drained some
+        self.paused_size = 0  # asyncio's buffer then
         self.out_bytes = 0  # in `out`, not yet written
         self.closed_at = 0.0
 
@@ -212,6 +214,7 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.paused = True
         self.paused_at = time.monotonic()
+        self.paused_size = self.transport.get_write_buffer_size()
         self._set_reading()
 
     def resume_writing(self) -> None:
@@ -312,6 +315,9 @@ class Server:
                 if c.closed_at and now - c.closed_at > write_timeout and c.transport is not None:
                     self._not_reading(c)
                 continue
+            if c.paused and c.transport.get_write_buffer_size() < c.paused_size:
+                # It reads, slowly (a thin link): not stuck, the timeout counts from here.
+                c.paused_at, c.paused_size = now, c.transport.get_write_buffer_size()
             if c.paused and now - c.paused_at > write_timeout:
                 self._not_reading(c)
             elif c.session is None:
