@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +48,7 @@ class Broker:
         if kind == "iot-broker":
             cfg = workdir / "iot.toml"
             cfg.write_text(f'[paths]\nstate_dir = "{workdir}"\n[broker]\nhost = "127.0.0.1"\nport = {self.port}\n'
-                           "max_inflight_messages = 20\nmax_queued_messages = 1000\n"
+                           "max_inflight_messages = 20\nmax_queued_messages = 1000\npersistence = false\n"
                            "max_connection_rate = 0\n")  # 1000 idle connections at once, as Mosquitto takes them
             argv = [str(Path(sys.executable).parent / "iot-broker"), "--config", str(cfg)]
         else:
@@ -73,10 +74,10 @@ class Broker:
 # -- raw clients -------------------------------------------------------------------------------
 
 
-def connect(port: int, cid: str, keepalive: int = 600) -> socket.socket:
+def connect(port: int, cid: str, keepalive: int = 600, clean_session: bool = True) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    s.sendall(encode(Connect(cid, keep_alive=keepalive)))
+    s.sendall(encode(Connect(cid, clean_session=clean_session, keep_alive=keepalive)))
     assert _read_exact(s, 4)[3] == 0, "CONNACK refused"
     return s
 
@@ -99,10 +100,14 @@ def _read_exact(s: socket.socket, n: int) -> bytes:
 
 
 class SubCounter:
-    """Counts identical PUBLISH packets; answers QoS 1 with PUBACK and QoS 2 with PUBREC/PUBCOMP."""
+    """Counts identical PUBLISH packets; answers QoS 1 with PUBACK and QoS 2 with PUBREC/PUBCOMP.
 
-    def __init__(self, sock: socket.socket, size: int, qos: int, pid_offset: int):
+    With `seen` (QoS 1 only), also collects the 4-byte little-endian sequence number each
+    payload starts with, so that redeliveries and losses can be told apart."""
+
+    def __init__(self, sock: socket.socket, size: int, qos: int, pid_offset: int, seen: set[int] | None = None):
         self.sock, self.size, self.qos, self.pid_offset = sock, size, qos, pid_offset
+        self.seen = seen
         self.count = 0
         self.rest = b""
         self.out = bytearray()
@@ -124,6 +129,12 @@ class SubCounter:
             acks[1::4] = b"\x02" * n
             acks[2::4] = data[self.pid_offset:n * self.size:self.size]
             acks[3::4] = data[self.pid_offset + 1:n * self.size:self.size]
+            if self.seen is not None:
+                seqs = bytearray(4 * n)
+                for k in range(4):  # the payload starts right after the packet id
+                    seqs[k::4] = data[self.pid_offset + 2 + k:n * self.size:self.size]
+                self.seen.update(array("I", seqs) if sys.byteorder == "little" else
+                                 (int.from_bytes(seqs[j:j + 4], "little") for j in range(0, 4 * n, 4)))
             self.count += n
             self.rest = data[n * self.size:]
             self.out += acks

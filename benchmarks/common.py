@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -26,11 +27,17 @@ def port_open(port: int) -> bool:
         return False
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of /proc/PID/status in KiB: VmRSS now, or VmHWM (peak RSS)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def load_average() -> str:
+    """The 1-minute load average, for the record: other work shares this machine."""
+    return Path("/proc/loadavg").read_text().split()[0]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -56,7 +63,9 @@ def machine() -> str:
 def write_section(path: Path, heading: str, section: str) -> None:
     """Replace the `## heading` section of a markdown file (or append it), keeping the rest."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(f"## {heading}")
+    # The whole heading line: "## Ingest" must not find "## Ingest on SQLite".
+    found = re.search(rf"^## {re.escape(heading)}$", text, re.MULTILINE)
+    start = found.start() if found else -1
     if start == -1:
         text = text.rstrip() + "\n\n" + section
     else:
