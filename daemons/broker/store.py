@@ -82,6 +82,7 @@ SQL_MESSAGE = "INSERT INTO messages (seq, sid, topic, payload, qos, retain, pid)
 SQL_SENT = "UPDATE messages SET pid = ? WHERE seq = ?"
 SQL_PUBREL = "UPDATE messages SET pubrel = 1 WHERE seq = ?"
 SQL_DONE = "DELETE FROM messages WHERE seq = ?"
+SQL_DONE_RANGE = "DELETE FROM messages WHERE seq BETWEEN ? AND ?"
 SQL_Q2_ADD = "INSERT OR IGNORE INTO qos2_in (sid, pid) VALUES (?, ?)"
 SQL_Q2_DEL = "DELETE FROM qos2_in WHERE sid = ? AND pid = ?"
 SQL_RETAIN = "INSERT OR REPLACE INTO retained (topic, payload, qos) VALUES (?, ?, ?)"
@@ -419,6 +420,13 @@ class Store:
     def _apply(self, db: sqlite3.Connection, ops: list) -> None:
         if not ops:
             return
+        # Deletes of acknowledged messages go last, as ranges of consecutive sequence numbers
+        # (one statement for a whole batch of a subscriber that acknowledges in order). Safe to
+        # move: in one batch a message is never inserted and deleted (that cancels before), and
+        # its updates come before its delete in any order.
+        done = [op[1][0] for op in ops if op[0] is SQL_DONE]
+        if done:
+            ops = [op for op in ops if op[0] is not SQL_DONE]
         db.execute("BEGIN")
         i, n = 0, len(ops)
         while i < n:  # runs of the same statement go in one executemany
@@ -431,11 +439,32 @@ class Store:
             else:
                 db.executemany(sql, [op[1] for op in ops[i:j]])
             i = j
+        if done:
+            singles, ranges = _runs(sorted(done))
+            db.executemany(SQL_DONE_RANGE, ranges)
+            db.executemany(SQL_DONE, singles)
         self.commits += 1
-        self.written += n
+        self.written += n + len(done)
         if self._crash_at and self.commits >= self._crash_at:
             os._exit(137)  # written, not committed: what a power cut before the fsync leaves
         db.execute("COMMIT")
+
+
+def _runs(seqs: list[int]) -> tuple[list[tuple[int]], list[tuple[int, int]]]:
+    """Sorted numbers as (single,) and (first, last) runs of consecutive ones."""
+    singles, ranges = [], []
+    start = prev = seqs[0]
+    for x in seqs[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        if prev > start:
+            ranges.append((start, prev))
+        else:
+            singles.append((start,))
+        if x is not None:
+            start = prev = x
+    return singles, ranges
 
 
 def _valid_row(row: tuple) -> bool:

@@ -166,3 +166,30 @@ def test_a_clean_session_writes_nothing(tmp_path, loop):
     b.handle(pub, p.Publish("k/1", b"a", 1, packet_id=1))
     assert p.Puback(1) in pub.packets()
     assert store.pending() == 0
+
+
+@pytest.mark.parametrize("names", [("fast",), ("fast", "away")])
+def test_acknowledged_messages_are_deleted_and_only_those(tmp_path, loop, names):
+    """One persistent subscriber acknowledges all but a run in the middle (its deletes are
+    ranges of sequence numbers); with a second one that is away, the numbers alternate
+    between them (single deletes) and every row of the one away stays."""
+    b, store = broker(tmp_path, loop, max_inflight=100)
+    subs = {}
+    for name in names:
+        subs[name], _ = connect(b, name, clean=False)
+        b.handle(subs[name], p.Subscribe(1, (("k/#", 1),)))
+    if "away" in subs:
+        b.closed(subs.pop("away"), graceful=True)
+    settle(loop, store)
+    subs["fast"].packets()
+    pub, _ = connect(b, "pub")
+    for i in range(60):
+        b.handle(pub, p.Publish("k/x", b"%d" % i, 1, packet_id=i + 1))
+    settle(loop, store)  # all on disk before any acknowledgement: nothing cancels
+    got = [x for x in subs["fast"].packets() if isinstance(x, p.Publish)]
+    for m in got[:20] + got[30:]:  # a gap: two runs
+        b.handle(subs["fast"], p.Puback(m.packet_id))
+    settle(loop, store)
+    left = rows(tmp_path, "SELECT s.client_id, m.payload FROM messages m JOIN sessions s USING (sid) ORDER BY seq")
+    assert [r[1] for r in left if r[0] == "fast"] == [b"%d" % i for i in range(20, 30)]
+    assert [r[1] for r in left if r[0] == "away"] == ([b"%d" % i for i in range(60)] if "away" in names else [])
