@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sqlite3
 import struct
@@ -54,6 +53,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine  # noqa: E402
+from daemons.durable import fsync_dir  # noqa: E402
 
 SESSION = 1
 QOS = 1
@@ -108,14 +111,6 @@ def iter_records(fd: int, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
         data = os.read(fd, chunk)
         eof = not data
         buf, base = buf[pos:] + data, base + pos
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LogStore:
@@ -373,14 +368,6 @@ def describe_fs(path: Path) -> str:
     return f"{dev} mounted on {mnt}, {fstype} ({opts})"
 
 
-def machine() -> str:
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return (f"{os.cpu_count()} cores, {cpu}; Python {platform.python_version()}; "
-            f"SQLite {sqlite3.sqlite_version}; {time.strftime('%Y-%m-%d %H:%M')}")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -477,7 +464,7 @@ def backlog(factory: Factory, workdir: Path, n: int) -> dict:
 def report(args: argparse.Namespace, where: str, st: dict, bl: dict, load: tuple) -> str:
     names = list(st)
     lines = ["## Store choice: append-only log vs SQLite WAL", "",
-             f"Machine: {machine()}. Load average {load[0]:.2f} at start, {load[1]:.2f} at end.",
+             f"Machine: {machine()}; SQLite {sqlite3.sqlite_version}. Load average {load[0]:.2f} at start, {load[1]:.2f} at end.",
              where,
              (f"Run: {'--quick, ' if args.quick else ''}{args.duration:g} s per steady-state case, "
              f"backlog of {args.backlog:,} messages."), "",
