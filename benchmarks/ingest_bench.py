@@ -341,7 +341,7 @@ def render_sqlite(args, results: list[dict], sinks: list[dict]) -> str:
                      f"{cpu} | {', '.join(r['load'] for r in runs)} |")
     lines += [
         "",
-        f"SQLite alone, for the database's share: `SqliteSink.write` (the sink iot-ingest uses, same settings)",
+        "SQLite alone, for the database's share: `SqliteSink.write` (the sink iot-ingest uses, same settings)",
         f"committing {args.sink_batches} batches of 1,000 stress-like rows into a fresh database on the same file",
         "system, nothing else running in the process:",
         "",

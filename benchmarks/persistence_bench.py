@@ -356,7 +356,7 @@ def render_backlog(res: dict[str, list[dict]], args) -> str:
         "",
         f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/persistence_bench.py --scenarios backlog "
         f"--repeat {args.repeat} --write docs/BENCHMARKS.md`.",
-        f"A persistent subscriber (clean_session=0, QoS 1) subscribes and disconnects; one publisher then publishes",
+        "A persistent subscriber (clean_session=0, QoS 1) subscribes and disconnects; one publisher then publishes",
         f"{n:,} QoS 1 messages of 64 bytes, 100 in flight, and waits for every PUBACK; then the subscriber comes back",
         "and the run counts distinct messages until it has all of them. Median of the runs (range in brackets);",
         "ratio = iot-broker / Mosquitto (below 1 is better for times, memory, disk and CPU, worse for rates).",
