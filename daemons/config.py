@@ -128,6 +128,12 @@ class BrokerConfig:
     # Seconds between $SYS/broker/... updates; 0 turns them off.
     sys_interval: float = field(default=10.0, metadata=_range(0, 86400))
     allow_zero_length_clientid: bool = True
+    # Access (Mosquitto's files and names): a password file made by `iotctl passwd` or
+    # `mosquitto_passwd`, and an ACL file. With neither a password_file nor allow_anonymous = true
+    # the broker listens on 127.0.0.1 only ("local only", as Mosquitto 2 without listeners).
+    password_file: Path | None = None
+    acl_file: Path | None = None
+    allow_anonymous: bool = False
     # Limits against hostile or broken clients; each refusal is counted in $SYS/broker/limits/.
     # Topic levels in a filter (SUBACK 0x80 past it) or a topic name (the connection is closed).
     max_topic_levels: int = field(default=200, metadata=_range(1, 65535))

@@ -164,7 +164,8 @@ class Service:
     def __init__(self, name: str, cfg: configmod.Config, args: argparse.Namespace, log: Log):
         self.name, self.config, self.args, self.log = name, cfg, args, log
         self.status_fn: Callable[[], str] | None = None
-        self.on_reload: Callable[[configmod.Config], None] | None = None
+        # SIGHUP: applies what it can of the new config, returns the "[section] key"s it applied.
+        self.on_reload: Callable[[configmod.Config], object] | None = None
         self._notifier = sdnotify.SystemdNotifier()
         if self._notifier.socket is not None:
             # A datagram send blocks while the receiver's queue is full (10 datagrams by default):
@@ -217,13 +218,12 @@ class Service:
         self.notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
         try:
             new = configmod.load(self.args.config)
-            if self.on_reload is not None:
-                self.on_reload(new)
+            applied = (self.on_reload(new) or ()) if self.on_reload is not None else ()
         except Exception as e:  # a bad file or a failed reload keeps the old state running
             self.log.error("reload failed; keeping the previous settings", error=str(e))
         else:
             level = apply_log_level(new.log.level, self.args.verbose)
-            waiting = [k for k in configmod.changed_keys(self.config, new) if k != "[log] level"]
+            waiting = [k for k in configmod.changed_keys(self.config, new) if k != "[log] level" and k not in applied]
             fields = {"restart_needed": ",".join(waiting)} if waiting else {}
             self.log.info("reloaded", config=new.source or "(defaults)", log_level=level, **fields)
         self.notify("READY=1")

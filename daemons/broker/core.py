@@ -107,6 +107,21 @@ class Stats:
     connect_size_refused: int = 0
     connection_rate_refused: int = 0
     write_timeout_closed: int = 0
+    # Access control ($SYS/broker/access/...).
+    logins_refused: int = 0
+    publish_denied: int = 0
+    subscribe_denied: int = 0
+
+
+@dataclass(slots=True)
+class Access:
+    """Who may connect and what each client may read and write: the password file and ACL
+    (auth.py, Mosquitto's formats; None = no such file). Mutable: SIGHUP swaps the files in,
+    and every check reads them here, so a right lost on reload is lost from the next packet on."""
+
+    passwords: object | None = None  # auth.PasswordFile
+    acl: object | None = None  # auth.Acl
+    allow_anonymous: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +161,11 @@ class NoStore:
 
 
 class Broker:
-    def __init__(self, log: Log, limits: Limits = Limits(), clock=time.monotonic, store=None):
+    def __init__(self, log: Log, limits: Limits = Limits(), clock=time.monotonic, store=None,
+                 access: Access | None = None):
         self.log = log
         self.limits = limits
+        self.access = access if access is not None else Access()
         self.store = store if store is not None else NoStore()
         self.persist = store is not None
         if store is not None:
@@ -190,6 +207,10 @@ class Broker:
                 conn.send(encode(Connack(False, ConnackCode.IDENTIFIER_REJECTED)))  # [MQTT-3.1.3-8]
                 return False
             client_id = f"auto-{next(self._auto_id)}-{id(conn):x}"  # [MQTT-3.1.3-6]
+        code, username = self._login(conn, pkt, client_id)
+        if code is not None:
+            conn.send(encode(Connack(False, code)))
+            return False
 
         session = self.sessions.get(client_id)
         if session is not None and session.conn is not None:
@@ -206,11 +227,12 @@ class Broker:
             session = self._new_session(client_id, pkt.clean_session)
             if self.persist and not pkt.clean_session:
                 session.store = self.store
-                session.sid = self.store.new_session(client_id, {})
+                session.sid = self.store.new_session()
         session.clean = pkt.clean_session
+        session.username = username
         session.attach(conn)
         if session.sid is not None:
-            self.store.save_session(session.sid, client_id, session.subscriptions, None)
+            self.store.save_session(session)
         conn.session = session
         conn.will = pkt.will
         conn.keepalive = pkt.keep_alive
@@ -234,12 +256,13 @@ class Broker:
         self.connected -= 1
         session.detach(self.clock())
         if session.sid is not None and not session.clean:
-            self.store.save_session(session.sid, session.client_id, session.subscriptions, session.disconnected_at)
+            self.store.save_session(session)
         will, conn.will = conn.will, None
         if session.clean:
             self._drop_session(session)
         if will is not None and not graceful:
-            self.publish(Message(will.topic, will.payload, will.qos, will.retain))
+            if self._may_publish(session, will.topic, "will"):
+                self.publish(Message(will.topic, will.payload, will.qos, will.retain))
 
     def _drop_session(self, session: Session) -> None:
         for f in session.subscriptions:
@@ -278,9 +301,9 @@ class Broker:
         if qos == 2 and pkt.packet_id in session.incoming_qos2:
             conn.send(b"\x50\x02" + pkt.packet_id.to_bytes(2, "big"))  # PUBREC again, not routed again
             return True
-        routed = not pkt.topic.startswith("$SYS/")  # only the broker publishes statistics
+        routed = self._may_publish(session, pkt.topic, "PUBLISH")  # denied: acknowledged, dropped
         if routed:
-            matches = self.tree.match(pkt.topic)
+            matches = self._readers(pkt.topic, self.tree.match(pkt.topic))
             if qos and self.limits.queue_full == "block" and not self._room(conn, matches):
                 return False
         self.stats.publish_received += 1
@@ -354,7 +377,7 @@ class Broker:
         qos = msg.qos
         sent = dropped = 0
         if matches is None:
-            matches = self.tree.match(msg.topic)
+            matches = self._readers(msg.topic, self.tree.match(msg.topic))
         for session, granted in matches.items():
             if session.deliver(msg, granted if granted < qos else qos):
                 sent += 1
@@ -380,6 +403,12 @@ class Broker:
             if not self._may_subscribe(session, topic_filter):
                 codes.append(SUBACK_FAILURE)  # the others of this SUBSCRIBE are still granted
                 continue
+            acl = self.access.acl
+            if acl is not None and not acl.can_subscribe(session.client_id, session.username, topic_filter):
+                self.limit_hit("subscribe_denied", "denied SUBSCRIBE", client=session.client_id,
+                               user=session.username or "-", filter=topic_filter)
+                codes.append(SUBACK_FAILURE)
+                continue
             self.tree.subscribe(session, topic_filter, qos)
             session.subscriptions[topic_filter] = qos
             codes.append(qos)
@@ -387,8 +416,11 @@ class Broker:
         self._save_subscriptions(session)
         self.store.ack(conn, encode(Suback(pkt.packet_id, tuple(codes))), session.sid is not None)
         # Retained messages follow the SUBACK, with the retain flag set [MQTT-3.3.1-6, -8].
+        acl = self.access.acl
         for (topic_filter, granted) in accepted:
             for r in self.retained.match(topic_filter):
+                if acl is not None and not acl.can_read(session.client_id, session.username, r.topic):
+                    continue
                 session.deliver(Message(r.topic, r.payload, r.qos, True), min(r.qos, granted), retain=True)
 
     def _unsubscribe(self, conn, pkt: Unsubscribe) -> None:
@@ -401,7 +433,7 @@ class Broker:
 
     def _save_subscriptions(self, session: Session) -> None:
         if session.sid is not None:
-            self.store.save_session(session.sid, session.client_id, session.subscriptions, None)
+            self.store.save_session(session)
 
     # sessions ------------------------------------------------------------------------------
 
@@ -418,6 +450,7 @@ class Broker:
             session = self._new_session(s.client_id, False)
             session.restore(self.store, s.sid, s.rows, s.on_disk, s.stored_bytes)
             session.incoming_qos2 = s.qos2_in
+            session.username = s.username
             session.disconnected_at = s.disconnected_at or self.clock()
             for topic_filter, qos in s.subscriptions.items():
                 self.tree.subscribe(session, topic_filter, qos)
@@ -425,16 +458,61 @@ class Broker:
         for topic, payload, qos in loaded.retained:
             self.retained.set(topic, payload, qos)
 
+    # access ----------------------------------------------------------------------------------
+
+    def _login(self, conn, pkt: Connect, client_id: str) -> tuple[ConnackCode | None, str | None]:
+        """(refusal code or None, the username the client acts as). A client certificate's name
+        (a listener with use_identity_as_username) stands for username and password."""
+        access = self.access
+        cert_name = getattr(conn, "cert_username", None)
+        username = cert_name or pkt.username
+        anonymous = getattr(conn, "listener_allow_anonymous", None)
+        anonymous = access.allow_anonymous if anonymous is None else anonymous
+        reason = None
+        if username is None:
+            if not anonymous:
+                reason, code = "anonymous clients are not allowed (allow_anonymous = false)", ConnackCode.NOT_AUTHORIZED
+        elif cert_name is None and access.passwords is not None:
+            if not access.passwords.check(username, pkt.password or b""):
+                reason, code = "bad user name or password", ConnackCode.BAD_USERNAME_OR_PASSWORD
+        elif cert_name is None and not anonymous:
+            reason, code = "no password_file to check the password against", ConnackCode.NOT_AUTHORIZED
+        if reason is None:
+            return None, username
+        conn.login_refused = True  # the transport slows repeated failures from one address down
+        self.stats.logins_refused += 1
+        self.log.warning("login refused", client=client_id, user=username or "-", peer=getattr(conn, "peer", "?"),
+                         reason=reason, code=int(code))
+        return code, None
+
+    def _may_publish(self, session: Session, topic: str, what: str) -> bool:
+        """May this client (or its will) publish to `topic`? No client may under $SYS/."""
+        acl = self.access.acl
+        if topic.startswith("$SYS/") or (acl is not None and not acl.can_write(session.client_id, session.username,
+                                                                                topic)):
+            self.limit_hit("publish_denied", f"denied {what} from {session.client_id} to {topic}",
+                           key=f"denied {what}", client=session.client_id, user=session.username or "-", topic=topic)
+            return False
+        return True
+
+    def _readers(self, topic: str, matches: dict[Session, int]) -> dict[Session, int]:
+        """The matching sessions whose client may read `topic` (all of them without an ACL)."""
+        acl = self.access.acl
+        if acl is None or not matches:
+            return matches
+        return {s: g for s, g in matches.items() if acl.can_read(s.client_id, s.username, topic)}
+
     # limits ----------------------------------------------------------------------------------
 
-    def limit_hit(self, counter: str, message: str, **fields) -> None:
+    def limit_hit(self, counter: str, message: str, key: str = "", **fields) -> None:
         """Count one refusal in `Stats.<counter>` and log it: the first and then one line per
         1000 with the same message, so a client that hits a limit in a loop cannot flood the
         log, and one kind of refusal does not hide another counted alike (a filter refused
         for its depth, a connection closed for a topic's)."""
         n = getattr(self.stats, counter) + 1
         setattr(self.stats, counter, n)
-        seen = self._limit_lines[message] = self._limit_lines.get(message, 0) + 1
+        key = key or message  # a message naming a client and topic is rate-limited by its kind
+        seen = self._limit_lines[key] = self._limit_lines.get(key, 0) + 1
         if seen % 1000 == 1:
             self.log.warning(message, **fields, **{counter: n})
 
@@ -540,6 +618,9 @@ class Broker:
             "$SYS/broker/limits/connection_rate/refused": str(s.connection_rate_refused),
             "$SYS/broker/limits/write_timeout/closed": str(s.write_timeout_closed),
             "$SYS/broker/store/messages/bytes": str(self.store.bytes),
+            "$SYS/broker/access/logins/refused": str(s.logins_refused),
+            "$SYS/broker/access/publish/denied": str(s.publish_denied),
+            "$SYS/broker/access/subscribe/denied": str(s.subscribe_denied),
         }
 
     def publish_sys(self) -> None:

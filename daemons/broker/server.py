@@ -57,7 +57,8 @@ from ..config import BrokerConfig, expiration_seconds
 from ..service import Exit, Log, Service
 from collections import deque
 
-from .core import Broker, Limits
+from .auth import Acl, AuthFileError, PasswordFile
+from .core import Access, Broker, Limits
 from .packets import (Connack, PacketTooLarge, Pingreq, ProtocolError, Puback, Pubcomp, Publish, Pubrec, Pubrel,
                       Reader, encode)
 from .store import Store
@@ -357,9 +358,31 @@ def _raise_fd_limit(want: int) -> None:
             pass  # a sandbox (systemd SystemCallFilter=~@resources) sets LimitNOFILE for us instead
 
 
+def access_from(cfg: BrokerConfig) -> Access:
+    """The password file and ACL the config names, read now (AuthFileError names file and line).
+    With neither a password file nor `allow_anonymous = true` the broker runs local only (see
+    `bind_host`): anonymous clients are let in, as Mosquitto 2 does without listeners."""
+    return Access(PasswordFile.load(cfg.password_file) if cfg.password_file else None,
+                  Acl.load(cfg.acl_file) if cfg.acl_file else None,
+                  cfg.allow_anonymous or cfg.password_file is None)
+
+
+def local_only(cfg: BrokerConfig) -> bool:
+    return cfg.password_file is None and not cfg.allow_anonymous
+
+
 async def serve(svc: Service) -> None:
     cfg: BrokerConfig = svc.config.broker
     port = svc.args.port if svc.args.port is not None else cfg.port
+    try:
+        access = access_from(cfg)
+    except AuthFileError as e:
+        raise Exit(service.EX_CONFIG, str(e)) from None
+    host = "127.0.0.1" if local_only(cfg) else cfg.host
+    if host != cfg.host:
+        svc.log.warning("no password_file and allow_anonymous is not true: listening on loopback only; "
+                        "set a password_file (iotctl passwd) or allow_anonymous = true in [broker] to open "
+                        "the broker to the network", host=cfg.host, listening_on=host)
     loop = asyncio.get_running_loop()
     _raise_fd_limit(cfg.max_connections)
     store = None
@@ -367,6 +390,20 @@ async def serve(svc: Service) -> None:
         where = cfg.persistence_location or svc.config.paths.state_dir / "broker"
         store = Store(where / "store.db", svc.log, loop, cfg.max_store_bytes, os.environ.get("IOT_BROKER_FAILPOINT", ""))
     srv = Server(cfg, svc.log, loop, store)
+    srv.broker.access = access
+
+    def reload(new) -> list[str]:
+        """SIGHUP: the password file and ACL again (new rules apply from each client's next
+        packet on; nobody is disconnected). A broken file keeps the old rules."""
+        fresh = access_from(new.broker)  # AuthFileError: the service logs it, the old rules stay
+        old = srv.broker.access
+        old.passwords, old.acl, old.allow_anonymous = fresh.passwords, fresh.acl, fresh.allow_anonymous
+        svc.log.info("access rules reloaded", password_file=new.broker.password_file or "-",
+                     users=len(fresh.passwords) if fresh.passwords is not None else 0,
+                     acl_file=new.broker.acl_file or "-")
+        return ["[broker] password_file", "[broker] acl_file", "[broker] allow_anonymous"]
+
+    svc.on_reload = reload
     if store is not None:
         try:
             loaded = store.open(page=max(cfg.max_queued_messages, cfg.max_inflight_messages))
@@ -377,11 +414,11 @@ async def serve(svc: Service) -> None:
                      queued=sum(len(s.rows) + s.on_disk for s in loaded.sessions),
                      queued_bytes=store.bytes, skipped=loaded.skipped)
     try:
-        listener = await loop.create_server(lambda: Connection(srv), cfg.host, port, backlog=1024)
+        listener = await loop.create_server(lambda: Connection(srv), host, port, backlog=1024)
     except OSError as e:
         hint = " (is another broker, e.g. mosquitto, running?)" if e.errno == errno.EADDRINUSE else ""
         reason = os.strerror(e.errno) if e.errno else str(e)
-        raise Exit(service.EX_OSERR, f"cannot listen on {cfg.host}:{port}: {reason}{hint}") from None
+        raise Exit(service.EX_OSERR, f"cannot listen on {host}:{port}: {reason}{hint}") from None
     svc.status_fn = srv.broker.summary
     bound = listener.sockets[0].getsockname()
     svc.ready(f"listening on {bound[0]}:{bound[1]}")

@@ -63,7 +63,7 @@ from .packets import ProtocolError, validate_topic_filter, validate_topic_name
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     sid INTEGER PRIMARY KEY, client_id TEXT NOT NULL UNIQUE, subscriptions TEXT NOT NULL,
-    disconnected_at REAL);
+    disconnected_at REAL, username TEXT);
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY, sid INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
     qos INTEGER NOT NULL, retain INTEGER NOT NULL, pid INTEGER, pubrel INTEGER NOT NULL DEFAULT 0);
@@ -73,9 +73,9 @@ CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB NOT NU
 """
 TABLES = ("sessions", "messages", "qos2_in", "retained")
 
-SQL_SESSION = ("INSERT INTO sessions (sid, client_id, subscriptions, disconnected_at) VALUES (?, ?, ?, ?) "
-               "ON CONFLICT (sid) DO UPDATE SET subscriptions = excluded.subscriptions, "
-               "disconnected_at = excluded.disconnected_at")
+SQL_SESSION = ("INSERT INTO sessions (sid, client_id, subscriptions, disconnected_at, username) "
+               "VALUES (?, ?, ?, ?, ?) ON CONFLICT (sid) DO UPDATE SET subscriptions = excluded.subscriptions, "
+               "disconnected_at = excluded.disconnected_at, username = excluded.username")
 SQL_DROP = ("DELETE FROM messages WHERE sid = ?", "DELETE FROM qos2_in WHERE sid = ?",
             "DELETE FROM sessions WHERE sid = ?")
 SQL_MESSAGE = "INSERT INTO messages (seq, sid, topic, payload, qos, retain, pid) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -102,6 +102,7 @@ class StoredSession:
     client_id: str
     subscriptions: dict[str, int]
     disconnected_at: float | None
+    username: str | None = None
     qos2_in: set[int] = field(default_factory=set)
     rows: list[tuple] = field(default_factory=list)  # the first page: (seq, topic, payload, qos, retain, pid, pubrel)
     on_disk: int = 0  # rows after the first page
@@ -198,8 +199,8 @@ class Store:
         db = self._db
         skipped = 0
         sessions: dict[int, StoredSession] = {}
-        for sid, client_id, subs, disconnected_at in db.execute(
-                "SELECT sid, client_id, subscriptions, disconnected_at FROM sessions"):
+        for sid, client_id, subs, disconnected_at, username in db.execute(
+                "SELECT sid, client_id, subscriptions, disconnected_at, username FROM sessions"):
             try:
                 filters = orjson.loads(subs)
                 for f, q in filters.items():
@@ -209,7 +210,7 @@ class Store:
             except (orjson.JSONDecodeError, ProtocolError, ValueError, AttributeError, TypeError):
                 skipped += 1
                 filters = {}
-            sessions[sid] = StoredSession(sid, client_id, filters, disconnected_at)
+            sessions[sid] = StoredSession(sid, client_id, filters, disconnected_at, username)
         for sid, pid in db.execute("SELECT sid, pid FROM qos2_in"):
             if sid in sessions:
                 sessions[sid].qos2_in.add(pid)
@@ -264,15 +265,16 @@ class Store:
             self.scheduled = True
             self.loop.call_soon(self.flush)
 
-    def new_session(self, client_id: str, subscriptions: dict[str, int]) -> int:
-        sid = self.next_sid
+    def new_session(self) -> int:
+        """A key for a new persistent session; `save_session` writes it."""
         self.next_sid += 1
-        self._op(SQL_SESSION, (sid, client_id, orjson.dumps(subscriptions).decode(), None))
-        return sid
+        return self.next_sid - 1
 
-    def save_session(self, sid: int, client_id: str, subscriptions: dict[str, int],
-                     disconnected_at: float | None) -> None:
-        self._op(SQL_SESSION, (sid, client_id, orjson.dumps(subscriptions).decode(), disconnected_at))
+    def save_session(self, session) -> None:
+        """Write a session's row: who it is (client id, user name), its subscriptions, and
+        since when it is away (None while connected)."""
+        self._op(SQL_SESSION, (session.sid, session.client_id, orjson.dumps(session.subscriptions).decode(),
+                               session.disconnected_at, session.username))
 
     def drop_session(self, sid: int, queued_bytes: int) -> None:
         for sql in SQL_DROP:
