@@ -13,11 +13,11 @@ One `user:hash` per line, as `mosquitto_passwd` writes it (`iotctl passwd` write
     $6$SALT$HASH              SHA512(password + salt) (mosquitto_passwd -H sha512; Mosquitto 1.x)
 
 SALT and HASH are standard base64; the salt is 12 bytes (64 accepted, as Mosquitto 2.1 writes),
-the hash 64. (Mosquitto: `output_new_password` in apps/mosquitto_passwd/mosquitto_passwd.c,
-`pw__hash` and `unpwd__decode_passwords` in src/security_default.c.) Blank lines and `#`
-comments are ignored. Where Mosquitto logs a bad line and drops it, we refuse the whole file
-with the file, the line and what was expected: a half-loaded password file locks people out
-silently.
+the hash 64. (Mosquitto 2.0: `output_new_password` in apps/mosquitto_passwd/mosquitto_passwd.c,
+`pw__hash` in src/password_mosq.c, `pwfile__parse` and `unpwd__decode_passwords` in
+src/security_default.c.) Blank lines and `#` comments are ignored. Where Mosquitto logs a bad
+line and drops it, we refuse the whole file with the file, the line and what was expected: a
+half-loaded password file locks people out silently.
 
 `check()` computes exactly one hash for every attempt: for an unknown user it hashes against
 a dummy entry of the kind and iteration count most entries have, so the time a refusal takes
