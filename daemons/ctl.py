@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest_commands(sub)
     from .transfer.cli import add_commands as transfer_commands  # noqa: PLC0415 - `send`, `transfers`
     transfer_commands(sub)
+    from .broker.passwd import add_commands as passwd_commands  # noqa: PLC0415 - `passwd`
+    passwd_commands(sub)
     return parser
 
 
