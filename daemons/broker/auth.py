@@ -58,14 +58,14 @@ matched by a rule whose filter starts with `$`.
 
 SUBSCRIBE: Mosquitto 2.0 with an acl_file grants every subscription and checks read access
 per message when it delivers (its check returns success for MOSQ_ACL_SUBSCRIBE: "FIXME -
-implement ACL subscription strings"). `can_subscribe` is the stricter check the broker uses
-for SUBACK 0x80, the one Mosquitto's own dynamic-security plugin applies to subscriptions
-(`sub_acl_check`, plugins/dynamic-security/sub_matches_sub.c): a subscription is granted if a
-read rule's filter covers it, level by level, where a wildcard in the subscription is only
-covered by a wildcard in the rule. With `topic read sensors/+/temp`, `sensors/+/temp` and
-`sensors/a/temp` are granted, `sensors/#` is not (Mosquitto 2.0 would grant it and deliver
-only the `.../temp` messages). A `deny` rule refuses a subscription it covers; one that only
-overlaps it is left to `can_read` at delivery.
+implement ACL subscription strings"). Ours answers SUBACK 0x80 only where Mosquitto would
+deliver nothing ever: a subscription is granted if some read rule's filter overlaps it (a
+topic exists that both match), and refused if a `deny` rule covers it all (`covers`, level by
+level, Mosquitto's dynamic-security `sub_acl_check`). With `topic read sensors/+/temp`,
+`sensors/a/temp`, `sensors/#` and `#` are granted (and only the `.../temp` messages are
+delivered, checked by `can_read`, as Mosquitto does), `other/#` and `sensors/a/temp/x` get
+0x80. So a client gets the same messages from both brokers, and a SUBACK that says when a
+subscription can never deliver anything.
 
 Expanded pattern rules are cached per (client id, user name), a bounded number of clients.
 """
@@ -310,6 +310,24 @@ def covers(rule_filter: str, topic_filter: str) -> bool:
     return len(sub) == len(rule)
 
 
+def overlaps(a: str, b: str) -> bool:
+    """Whether some topic matches both filters. A filter starting with a wildcard matches no
+    `$` topic [MQTT-4.7.2-1]."""
+    x, y = a.split("/"), b.split("/")
+    if (x[0][:1] == "$" and y[0] in ("+", "#")) or (y[0][:1] == "$" and x[0] in ("+", "#")):
+        return False
+    for i in range(max(len(x), len(y))):
+        p = x[i] if i < len(x) else None
+        q = y[i] if i < len(y) else None
+        if p == "#" or q == "#":
+            return True
+        if p is None or q is None:
+            return False  # one has more levels and the other ends without "#"
+        if p != "+" and q != "+" and p != q:
+            return False
+    return True
+
+
 class _RuleSet:
     """The rules that apply in one step of a decision, with their filters in a subscription
     tree (subscriber = the rule's index) so a topic is matched in one walk."""
@@ -334,14 +352,15 @@ class _RuleSet:
         return True if granted else None
 
     def subscription(self, topic_filter: str, bit: int) -> bool | None:
-        """As `topic`, for a filter the rules must cover (subscriptions are rare: a scan)."""
+        """False if a deny rule covers the whole filter, True if a rule granting `bit` could
+        match some topic of it, else None (subscriptions are rare: a scan)."""
         granted = False
         for access, rule_filter in self.rules:
-            if covers(rule_filter, topic_filter):
-                if access == DENY:
+            if access == DENY:
+                if covers(rule_filter, topic_filter):
                     return False
-                if access & bit:
-                    granted = True
+            elif access & bit and not granted:
+                granted = overlaps(rule_filter, topic_filter)
         return True if granted else None
 
 

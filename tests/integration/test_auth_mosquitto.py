@@ -132,26 +132,29 @@ PROBES = ["sensors/x/temp", "sensors/x/hum", "shared/x", "shared/secret", "p/r1/
           "a/secret", "b/x/r", "everyone/x", "x/y", "$app/x", "$app/in"]
 
 # (client id, user, filter, can_subscribe): Mosquitto grants each; what it delivers of
-# PROBES must be what matches the filter and Acl.can_read allows.
+# PROBES must be what matches the filter and Acl.can_read allows; we refuse (0x80) only
+# filters of which no read rule could match anything.
 SUBSCRIBE_ROWS = [
     ("r1", None, "sensors/+/temp", True),
-    ("r2", None, "sensors/#", False),  # Mosquitto: granted, delivers sensors/x/temp only
-    ("r3", None, "#", False),
+    ("r2", None, "sensors/#", True),  # Mosquitto: granted, delivers sensors/x/temp only
+    ("r3", None, "#", True),
     ("r4", None, "shared/#", True),  # shared/secret withheld at delivery
     ("r5", None, "p/r5/#", True),
-    ("r6", None, "p/+/x", False),
-    ("r+7", None, "#", False),  # "+" in the client id: anonymous topic rules only
+    ("r6", None, "p/+/x", True),
+    ("r+7", None, "#", True),  # "+" in the client id: anonymous topic rules only
     ("s/l", None, "p/s/l/#", True),
     ("r8", "alice", "a/#", True),
-    ("r9", "alice", "#", False),
-    ("r10", "alice", "home/+/locked", False),
+    ("r9", "alice", "#", True),
+    ("r10", "alice", "home/+/locked", True),
     ("r11", "bob", "home/bob/locked", True),
     ("r12", "u/v", "home/u/v/#", True),
-    ("r13", "u/v", "home/#", False),
+    ("r13", "u/v", "home/#", True),
     ("r14", "ev#l", "#", False),
-    ("r15", "carol", "#", False),
+    ("r15", "carol", "#", True),
     ("r16", "dollar", "#", True),
     ("r17", "dollar", "$app/#", False),
+    ("r18", None, "nobody/#", False),  # no read rule could match any of it
+    ("r19", "alice", "b/#", False),
 ]
 
 
@@ -222,7 +225,9 @@ def test_subscribe_and_read_decisions_are_mosquittos(judges):
         for c, (cid, user, topic_filter, may_subscribe) in zip(readers, SUBSCRIBE_ROWS):
             got = sorted(parse_publish(p).topic for p in c.until_pingresp())
             ours = sorted(t for t in PROBES if matches(topic_filter, t) and acl.can_read(cid, user, t))
-            if got != ours or acl.can_subscribe(cid, user, topic_filter) is not may_subscribe:
+            # SUBACK 0x80 from us must never hide what Mosquitto delivers.
+            if got != ours or acl.can_subscribe(cid, user, topic_filter) is not may_subscribe or (
+                    got and not may_subscribe):
                 wrong.append(f"{cid!r} {user!r} {topic_filter!r}: Mosquitto delivered {got}, can_read allows "
                              f"{ours}; can_subscribe {acl.can_subscribe(cid, user, topic_filter)}, "
                              f"table {may_subscribe}")

@@ -384,14 +384,26 @@ def test_read_access_does_not_give_write_and_the_reverse():
 # --- ACL: subscriptions -------------------------------------------------------------------
 
 
-def test_a_subscription_is_granted_only_where_read_rules_cover_it():
+def test_a_subscription_is_granted_where_a_read_rule_could_match_some_of_it():
     a = acl("topic read sensors/+/temp\n")
     assert a.can_subscribe("c", None, "sensors/+/temp")
     assert a.can_subscribe("c", None, "sensors/a/temp")
-    assert not a.can_subscribe("c", None, "sensors/#")
-    assert not a.can_subscribe("c", None, "sensors/+/+")
-    assert not a.can_subscribe("c", None, "#")
+    assert a.can_subscribe("c", None, "sensors/#")  # only .../temp is delivered (can_read)
+    assert a.can_subscribe("c", None, "sensors/+/+")
+    assert a.can_subscribe("c", None, "#")
     assert not a.can_subscribe("c", None, "sensors/a/temp/x")
+    assert not a.can_subscribe("c", None, "other/#")
+    assert not a.can_subscribe("c", None, "$SYS/#")
+
+
+@pytest.mark.parametrize("a, b, common", [
+    ("a/b", "a/b", True), ("a/+", "a/b", True), ("a/#", "a", True), ("a/#", "a/b/c", True),
+    ("+/+", "a/b/c", False), ("a/b", "a/c", False), ("a/+/c", "a/b/+", True), ("#", "$SYS/x", False),
+    ("$SYS/#", "$SYS/+", True), ("+/#", "$SYS/x", False), ("a", "a/b", False), ("a/b", "#", True),
+])
+def test_overlaps(a, b, common):
+    from daemons.broker.auth import overlaps
+    assert overlaps(a, b) is common and overlaps(b, a) is common
 
 
 @pytest.mark.parametrize("cid, user, topic_filter, granted", [
@@ -403,11 +415,11 @@ def test_a_subscription_is_granted_only_where_read_rules_cover_it():
     ("c1", "alice", "a/+", True),
     ("c1", "alice", "a/secret", False),
     ("c1", "alice", "$SYS/broker/#", True),
-    ("c1", "alice", "$SYS/#", False),
-    ("c1", "alice", "#", False),
+    ("c1", "alice", "$SYS/#", True),  # overlaps $SYS/broker/#: only that part is delivered
+    ("c1", "alice", "#", True),
     ("c1", None, "p/c1/#", True),
     ("c1", None, "p/c1/x/+", True),
-    ("c1", None, "p/+/#", False),
+    ("c1", None, "p/+/#", True),  # only p/c1/... is delivered
     ("c1", None, "p/c2/#", False),
     ("c1", "alice", "home/alice/#", True),
     ("c1", "alice", "home/alice/locked", False),
