@@ -66,6 +66,11 @@ from .store import Store
 # Per-connection output buffered in asyncio beyond which QoS 0 messages to that client are
 # dropped (and counted) rather than held in memory without bound, and the client is not read.
 WRITE_HIGH_WATER = 1024 * 1024
+# Failed logins from one address within LOGIN_WINDOW seconds past LOGIN_FREE get their refusal
+# 0.5 s later, doubling per failure up to LOGIN_DELAY_MAX.
+LOGIN_WINDOW = 60.0
+LOGIN_FREE = 3
+LOGIN_DELAY_MAX = 8.0
 # max_connection_rate: a new address may open this many times the rate at once.
 CONNECTION_BURST = 5
 SWEEP_INTERVAL = 1.0
@@ -81,7 +86,7 @@ class Connection(asyncio.Protocol):
         "srv", "broker", "stats", "reader", "transport", "session", "will", "keepalive",
         "last_rx", "opened", "out", "flush_scheduled", "closing", "paused", "peer", "loop",
         "held", "held_bytes", "reading", "retry_scheduled",
-        "held_full", "paused_at", "paused_size", "out_bytes", "closed_at",
+        "held_full", "paused_at", "paused_size", "out_bytes", "closed_at", "login_refused",
     )
 
     def __init__(self, srv: Server):
@@ -110,6 +115,7 @@ class Connection(asyncio.Protocol):
         self.paused_size = 0  # asyncio's buffer then
         self.out_bytes = 0  # in `out`, not yet written
         self.closed_at = 0.0
+        self.login_refused = False  # set by the core: CONNACK 4 or 5 for a login
 
     # asyncio.Protocol ------------------------------------------------------------------------
 
@@ -162,7 +168,7 @@ class Connection(asyncio.Protocol):
                 self.last_rx = time.monotonic()
                 if self.session is None:
                     if not broker.connect(self, pkt):
-                        self.close()
+                        self._refused()
                         return
                     reader.set_max_packet_size(self.srv.cfg.max_packet_size)
                     if self.srv.log.is_debug():
@@ -198,6 +204,24 @@ class Connection(asyncio.Protocol):
                 self.transport.resume_reading()
             else:
                 self.transport.pause_reading()
+
+    def _refused(self) -> None:
+        """CONNACK with a refusal is out (or waiting in `out`): close. Repeated failed logins from
+        one address get their CONNACK later and later (up to LOGIN_DELAY_MAX): guessing slows down."""
+        delay = self.srv.login_delay(self.peer.rpartition(":")[0]) if self.login_refused else 0.0
+        if not delay:
+            self.close()
+            return
+        connack, self.out, self.out_bytes = self.out, [], 0
+        self.reading = False
+        self.transport.pause_reading()
+
+        def answer() -> None:
+            for data in connack:
+                self.send(data)
+            self.close()
+
+        self.loop.call_later(delay, answer)
 
     def retry_held(self) -> None:
         """Called by the core when a session this connection waits for has room again."""
@@ -278,6 +302,16 @@ class Server:
         self.conns: set[Connection] = set()
         self.refused = 0
         self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when counted)
+        self.login_failures: dict[str, tuple[int, float]] = {}  # address -> (failures, since)
+
+    def login_delay(self, address: str) -> float:
+        now = time.monotonic()
+        count, since = self.login_failures.get(address, (0, now))
+        if now - since > LOGIN_WINDOW:
+            count, since = 0, now
+        count += 1
+        self.login_failures[address] = (count, since)
+        return 0.0 if count <= LOGIN_FREE else min(LOGIN_DELAY_MAX, 0.5 * 2 ** (count - LOGIN_FREE - 1))
 
     def admit(self, address: str) -> bool:
         """max_connection_rate: a token bucket per address, refilled at the rate, holding at
@@ -333,6 +367,9 @@ class Server:
         self.broker.expire_sessions(self.broker.clock())
         if self.buckets:
             self._forget_full_buckets(now)
+        if self.login_failures:
+            for address in [a for a, (_, since) in self.login_failures.items() if now - since > LOGIN_WINDOW]:
+                del self.login_failures[address]
 
     async def run_timers(self, svc: Service) -> None:
         next_sys = time.monotonic()
