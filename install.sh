@@ -178,7 +178,14 @@ install_system() {
 
   step "config $ETC"
   local tmp; tmp=$(mktemp -d)
-  sed 's|^state_dir = "../../var"|state_dir = "/var/lib/iot"|' "$HERE/etc/iot/iot.toml" > "$tmp/iot.toml"
+  # The installed broker asks for a password (secure by default) and the local daemons log in
+  # as iot-local, whose password is made below and kept in mqtt.secret.
+  sed 's|^state_dir = "../../var"|state_dir = "/var/lib/iot"|' "$HERE/etc/iot/iot.toml" | awk '
+    /^\[/ { section = $0 }
+    section == "[mqtt]" && /^# username = ""$/ { print "username = \"iot-local\""; next }
+    section == "[mqtt]" && /^# password_file = ""$/ { print "password_file = \"/etc/iot/mqtt.secret\""; next }
+    section == "[broker]" && /^# password_file = ""$/ { print "password_file = \"/etc/iot/passwd\""; next }
+    { print }' > "$tmp/iot.toml"
   install_file "$tmp/iot.toml" "$ETC/iot.toml" 0644
   rm -rf "$tmp"
   if [ -e "$ETC/ingest.keys" ]; then say "unchanged $ETC/ingest.keys (keys are never replaced)"
@@ -190,6 +197,19 @@ install_system() {
     say "created $ETC/ingest.keys with a new random key k1 (mode 0600)"; CHANGED=1
   fi
   [ -z "$ROOT" ] && chown iot:iot "$ETC/ingest.keys"
+  if [ -e "$ETC/passwd" ] && [ -e "$ETC/mqtt.secret" ]; then say "unchanged $ETC/passwd (users are never replaced)"
+  else
+    local secret; secret=$("$PY" -c 'import secrets; print(secrets.token_urlsafe(24))')
+    ( umask 077; printf '%s\n' "$secret" > "$ETC/mqtt.secret" )
+    if [ -e "$ETC/passwd" ]; then "$OPT/bin/iotctl" passwd -b "$ETC/passwd" iot-local "$secret" >/dev/null
+    else "$OPT/bin/iotctl" passwd -c -b "$ETC/passwd" iot-local "$secret" >/dev/null; fi
+    say "created user iot-local in $ETC/passwd for the local daemons (its password: $ETC/mqtt.secret);"
+    say "add your own users with: $OPT/bin/iotctl passwd $ETC/passwd USER; systemctl reload iot-broker"
+    CHANGED=1
+  fi
+  # The broker (user iot) reads the password file, the daemons the secret; nobody else.
+  [ -z "$ROOT" ] && chown root:iot "$ETC/passwd" "$ETC/mqtt.secret"
+  chmod 0640 "$ETC/passwd" "$ETC/mqtt.secret"
 
   step "state $STATE"
   for d in "$STATE" "$STATE/outbox" "$STATE/transfer" "$STATE/dlq" "$STATE/db"; do
