@@ -151,7 +151,11 @@ class Store:
             problem = str(e)
         if problem:
             salvaged = self._salvage(problem)
-        loaded = self._load(page)
+        try:
+            loaded = self._load(page)
+        except sqlite3.DatabaseError as e:  # damage quick_check did not see: salvage, start anyway
+            salvaged = (salvaged or 0) + self._salvage(str(e))
+            loaded = self._load(page)
         if salvaged is not None:
             loaded.skipped += salvaged
         self._thread = threading.Thread(target=self._run, name="store", daemon=True)
@@ -168,6 +172,9 @@ class Store:
     @staticmethod
     def _check(db: sqlite3.Connection) -> str:
         db.executescript(SCHEMA)
+        # Columns added since the first release of the store (CREATE IF NOT EXISTS keeps old tables).
+        if "username" not in {r[1] for r in db.execute("PRAGMA table_info(sessions)")}:
+            db.execute("ALTER TABLE sessions ADD COLUMN username TEXT")
         result = db.execute("PRAGMA quick_check").fetchall()
         return "" if result == [("ok",)] else "; ".join(r[0] for r in result[:3])
 

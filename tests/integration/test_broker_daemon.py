@@ -60,7 +60,7 @@ def test_port_in_use_is_a_clear_error_and_exit_71(tmp_path):
         s.listen()
         port = s.getsockname()[1]
         cfg = tmp_path / "iot.toml"
-        cfg.write_text(f'[broker]\nhost = "127.0.0.1"\nport = {port}\n')
+        cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}"\n[broker]\nhost = "127.0.0.1"\nport = {port}\n')
         r = subprocess.run([BROKER, "--config", str(cfg)], capture_output=True, text=True, timeout=20)
     assert r.returncode == 71
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr
@@ -68,7 +68,7 @@ def test_port_in_use_is_a_clear_error_and_exit_71(tmp_path):
 
 def test_port_option_overrides_the_config_and_is_validated(tmp_path, daemon):
     cfg = tmp_path / "iot.toml"
-    cfg.write_text('[broker]\nhost = "127.0.0.1"\nport = 1\n')
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}"\n[broker]\nhost = "127.0.0.1"\nport = 1\n')
 
     def on(port: int) -> int:
         daemon("iot-broker", "--config", str(cfg), "-p", str(port))

@@ -193,3 +193,16 @@ def test_acknowledged_messages_are_deleted_and_only_those(tmp_path, loop, names)
     left = rows(tmp_path, "SELECT s.client_id, m.payload FROM messages m JOIN sessions s USING (sid) ORDER BY seq")
     assert [r[1] for r in left if r[0] == "fast"] == [b"%d" % i for i in range(20, 30)]
     assert [r[1] for r in left if r[0] == "away"] == ([b"%d" % i for i in range(60)] if "away" in names else [])
+
+
+def test_a_store_from_before_user_names_were_kept_is_upgraded_in_place(tmp_path, loop):
+    db = sqlite3.connect(tmp_path / "store.db")
+    db.executescript("""
+        CREATE TABLE sessions (sid INTEGER PRIMARY KEY, client_id TEXT NOT NULL UNIQUE,
+                               subscriptions TEXT NOT NULL, disconnected_at REAL);
+        INSERT INTO sessions VALUES (1, 'old', '{"k/#": 1}', 0);""")
+    db.commit()
+    db.close()
+    b, store = broker(tmp_path, loop)
+    assert b.sessions["old"].subscriptions == {"k/#": 1} and b.sessions["old"].username is None
+    assert not list(tmp_path.glob("store.db.corrupt-*"))
