@@ -101,6 +101,9 @@ WS_SUBPROTOCOLS = ("mqtt", "mqttv3.1")
 # A WebSocket frame is buffered whole before its bytes reach the MQTT reader: at most one
 # largest packet (max_packet_size plus its fixed header) and this much besides.
 WS_FRAME_SLACK = 64 * 1024
+# So the frame limit does not undo max_connect_size: a WebSocket connection that has sent more
+# than max_connect_size plus this (its HTTP request) without a complete CONNECT is closed.
+WS_HANDSHAKE_MAX = 64 * 1024
 TLS_VERSIONS = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLSv1_3}
 
 
@@ -326,17 +329,20 @@ class WsConnection(Connection):
     [MQTT-6.0.0-2]; a text frame closes the connection [MQTT-6.0.0-1]. Pings are answered and
     close frames echoed by websockets; its end of stream (SEND_EOF) closes the connection."""
 
-    __slots__ = ("ws",)
+    __slots__ = ("ws", "before_connect")
 
     def __init__(self, srv: Server, listener: ListenerConfig):
         super().__init__(srv, listener)
         self.ws = ServerProtocol(subprotocols=WS_SUBPROTOCOLS,
                                  max_size=(None, srv.cfg.max_packet_size + 5 + WS_FRAME_SLACK))
+        self.before_connect = 0  # bytes received while no CONNECT was accepted
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
         ws = self.ws
+        if self.session is None:
+            self.before_connect += len(data)
         ws.receive_data(data)
         mqtt = []
         for event in ws.events_received():
@@ -361,6 +367,11 @@ class WsConnection(Connection):
         if mqtt:
             super().data_received(b"".join(mqtt))
         self._ws_out()
+        if (self.session is None and not self.closing
+                and self.before_connect > self.srv.cfg.max_connect_size + WS_HANDSHAKE_MAX):
+            self.broker.limit_hit("connect_size_refused", "WebSocket bytes before CONNECT over max_connect_size; "
+                                  "closing connection", peer=self.peer, received=self.before_connect)
+            self.close()
 
     def _refused(self, status: int | str) -> None:
         exc = self.ws.handshake_exc
@@ -379,7 +390,7 @@ class WsConnection(Connection):
                 if sent is not None and rcvd is None:  # we failed it: a text frame, a bad frame
                     self.srv.log.info("WebSocket error; closing connection", peer=self.peer, client=self.client_id,
                                       code=int(sent.code), reason=sent.reason)
-                Connection.close(self)
+                self.close()
 
     def _write(self, data: bytes) -> None:
         if self.ws.state is State.OPEN:

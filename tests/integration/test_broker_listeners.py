@@ -329,7 +329,10 @@ class WsRaw:
     def flush(self) -> None:
         for data in self.ws.data_to_send():
             if data:
-                self.sock.sendall(data)
+                try:
+                    self.sock.sendall(data)
+                except (ConnectionResetError, BrokenPipeError):
+                    pass  # the broker has closed: the next read says so
 
     def next_event(self):
         while not self.events:
@@ -443,6 +446,32 @@ def test_a_broken_websocket_handshake_gets_an_http_error_and_the_broker_keeps_se
     c = WsRaw(w, subprotocols=("mqttv3.1",))  # the other subprotocol MQTT clients ask for
     try:
         c.ws.send_binary(mqttraw.connect("after"))
+        c.flush()
+        assert c.packet().raw == mqttraw.connack(0)
+    finally:
+        c.close()
+
+
+def test_a_websocket_frame_cannot_hold_more_than_max_connect_size_before_connect(broker_factory):
+    """Frames may be as large as max_packet_size, and are buffered whole before their bytes
+    reach the MQTT reader: before CONNECT, max_connect_size still bounds what is held."""
+    b, (w,) = start(broker_factory, 'protocol = "websockets"\n')
+    c = WsRaw(w)
+    try:
+        c.ws.send_binary(bytes(1024 * 1024))
+        frame = b"".join(c.ws.data_to_send())
+        try:
+            c.sock.sendall(frame[:300 * 1024])  # a frame of 1 MiB, not finished
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # closed while we wrote
+        c.closed_with()  # returns once the broker has closed the connection
+        assert c.eof
+    finally:
+        c.close()
+    assert "WebSocket bytes before CONNECT over max_connect_size" in b.proc.log()
+    c = WsRaw(w)  # the listener serves on
+    try:
+        c.ws.send_binary(mqttraw.connect("next"))
         c.flush()
         assert c.packet().raw == mqttraw.connack(0)
     finally:
