@@ -231,6 +231,23 @@ def test_require_certificate_refuses_a_client_without_one_or_with_a_foreign_one(
     assert b.proc.running()
 
 
+def test_tls_version_is_the_lowest_version_accepted(broker_factory, pki):
+    _, (t12, t13) = start(broker_factory, tls(pki.server, tls_version="tlsv1.2"),
+                          tls(pki.server, tls_version="tlsv1.3"))
+
+    def handshake(port: int, highest: ssl.TLSVersion) -> str:
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        ctx.maximum_version = highest
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s, \
+                ctx.wrap_socket(s, server_hostname="127.0.0.1") as t:
+            return t.version()
+
+    assert handshake(t12, ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+    assert handshake(t13, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+    with pytest.raises(ssl.SSLError):
+        handshake(t13, ssl.TLSVersion.TLSv1_2)
+
+
 def test_use_identity_as_username_names_the_client_by_its_certificate_cn(broker_factory, pki):
     b, (mutual,) = start(broker_factory, tls(pki.server, cafile=pki.ca, require_certificate=True,
                                              use_identity_as_username=True), args=("-v",))
