@@ -104,9 +104,39 @@ class MqttConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One `[[broker.listener]]` table: a listener beside the default one ([broker] host/port).
+    Keys named and meant as Mosquitto's `listener` options."""
+
+    port: int = field(metadata=_range(1, 65535))  # required
+    # "" = [broker] host.
+    bind_address: str = ""
+    protocol: str = field(default="mqtt", metadata=_choices("mqtt", "websockets"))
+    # TLS is on when certfile and keyfile are set; the rest below need it.
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    # The CA that signs client certificates.
+    cafile: Path | None = None
+    require_certificate: bool = False
+    # The client certificate's subject CN is the client's user name (needs require_certificate).
+    use_identity_as_username: bool = False
+    # The lowest TLS version accepted: "" = Python's default (TLS 1.2 today).
+    tls_version: str = field(default="", metadata=_choices("", "tlsv1.2", "tlsv1.3"))
+    # Overrides [broker] allow_anonymous on this listener; absent = the broker's.
+    allow_anonymous: bool | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerConfig:
     host: str = "0.0.0.0"
     port: int = field(default=1883, metadata=_range(1, 65535))
+    # More listeners, [[broker.listener]] tables: TLS, WebSocket, other addresses. host/port
+    # above stay the default listener.
+    listener: tuple[ListenerConfig, ...] = ()
     max_connections: int = field(default=4096, metadata=_range(1, 1_000_000))
     # Largest packet body (remaining length, without the fixed header) accepted from a client.
     max_packet_size: int = field(default=16 * 1024 * 1024, metadata=_range(64, 268_435_455))
@@ -363,11 +393,56 @@ def _convert(f: dataclasses.Field, value: Any, key: str, path: Path | None, base
                 isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi for v in value.values()):
             raise ConfigError(path, key, f"expected a table of names to integers from {lo} to {hi}, got {value!r}")
         return dict(value)
+    if kind == "tuple[ListenerConfig, ...]":
+        return _listeners(value, path, base)
     if kind == "tuple[str, ...]":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(path, key, f"expected a list of strings, got {value!r}")
         return tuple(value)
     raise AssertionError(f"config field {key} has unsupported type {kind}")  # our bug, not the user's
+
+
+_TLS_ONLY = ("cafile", "require_certificate", "use_identity_as_username", "tls_version")
+
+
+def _listeners(value: Any, path: Path | None, base: Path) -> tuple[ListenerConfig, ...]:
+    """`[[broker.listener]]` tables. Each key is converted like a section's, then the keys are
+    checked together and the files named are checked to exist, so that a mistake ends the
+    start with a line naming the table ("[[broker.listener]] #2 certfile"), not the first
+    TLS handshake."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(path, "[[broker.listener]]", f"expected [[broker.listener]] tables, got {value!r}")
+    fields = {f.name: f for f in dataclasses.fields(ListenerConfig)}
+    out = []
+    for i, table in enumerate(value, 1):
+        label = f"[[broker.listener]] #{i}"
+        values = {}
+        for key, v in table.items():
+            f = fields.get(key)
+            if f is None:
+                raise ConfigError(path, f"{label} {key}", f"unknown key (expected one of {', '.join(fields)})")
+            values[key] = _convert(f, v, f"{label} {key}", path, base)
+        if "port" not in values:
+            raise ConfigError(path, f"{label} port", "missing: each listener needs a port, 1-65535")
+        lc = ListenerConfig(**values)
+        if (lc.certfile is None) != (lc.keyfile is None):
+            have, need = ("certfile", "keyfile") if lc.keyfile is None else ("keyfile", "certfile")
+            raise ConfigError(path, f"{label} {need}", f"missing: {have} is set, TLS needs both certfile and keyfile")
+        for key in _TLS_ONLY:
+            if not lc.tls and getattr(lc, key) not in (None, False, ""):
+                raise ConfigError(path, f"{label} {key}", "is a TLS setting: set certfile and keyfile too")
+        if lc.require_certificate and lc.cafile is None:
+            raise ConfigError(path, f"{label} require_certificate",
+                              "needs cafile (the CA that signs the client certificates)")
+        if lc.use_identity_as_username and not lc.require_certificate:
+            raise ConfigError(path, f"{label} use_identity_as_username",
+                              "needs require_certificate = true (no certificate, no identity)")
+        for key in ("certfile", "keyfile", "cafile"):
+            p = getattr(lc, key)
+            if p is not None and not p.is_file():
+                raise ConfigError(path, f"{label} {key}", f"no such file: {p}")
+        out.append(lc)
+    return tuple(out)
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:

@@ -36,6 +36,19 @@ stays above the mark for `write_timeout` seconds without draining any of it is a
 the sweep (a slow reader on a thin link drains some and stays), as is one we closed
 that still has not taken its last bytes by then (a close waits for the buffer to drain).
 
+Listeners: the default one ([broker] host/port, plain MQTT) and one per [[broker.listener]]
+table, each its own asyncio server feeding the same Server and core. TLS is asyncio's
+(`create_server(ssl=)`); the context a server was created with stays its context, so
+`Server.reload_tls()` (SIGHUP) builds new ones and each listener's server-name callback,
+which OpenSSL calls at every ClientHello (with or without SNI), moves a new handshake onto the
+newest: new connections get renewed certificates, open ones keep theirs. MQTT over WebSocket
+is `WsConnection`, a Connection whose bytes pass through the sans-IO `websockets`
+ServerProtocol (handshake, framing, ping/pong, close); the MQTT stream inside the binary
+frames is fed to the same reader, in whatever split it comes, and what the core writes leaves
+as binary frames. A listener may override allow_anonymous and may name the client by its
+certificate's CN: `listener_allow_anonymous` and `cert_username` on the Connection, for the
+core.
+
 Limits at the transport: before CONNECT is accepted the reader takes packets of at most
 `max_connect_size`; `max_connection_rate` is a token bucket per IP address checked at accept
 (buckets full again are forgotten by the sweep, so the table stays small). Counted in the
@@ -46,16 +59,25 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import resource
 import sqlite3
+import ssl
 import sys
 import time
+from collections import deque
+from pathlib import Path
+
+from websockets.exceptions import InvalidMessage
+from websockets.frames import CloseCode, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from .. import service
-from ..config import BrokerConfig, expiration_seconds
+from ..config import BrokerConfig, Config, ConfigError, ListenerConfig, expiration_seconds
 from ..service import Exit, Log, Service
-from collections import deque
 
 from .auth import Acl, AuthFileError, PasswordFile
 from .core import Access, Broker, Limits
@@ -79,6 +101,16 @@ HELD_PACKETS = 1000
 HELD_BYTES = 1024 * 1024
 # Handled even while a PUBLISH is held: they free room, they never need any.
 PASS_WHILE_HELD = (Puback, Pubrec, Pubrel, Pubcomp, Pingreq)
+# MQTT over WebSocket: the subprotocols accepted, in order of preference [MQTT-6.0.0-3];
+# "mqttv3.1" is what MQTT 3.1 clients ask for.
+WS_SUBPROTOCOLS = ("mqtt", "mqttv3.1")
+# A WebSocket frame is buffered whole before its bytes reach the MQTT reader: at most one
+# largest packet (max_packet_size plus its fixed header) and this much besides.
+WS_FRAME_SLACK = 64 * 1024
+# So the frame limit does not undo max_connect_size: a WebSocket connection that has sent more
+# than max_connect_size plus this (its HTTP request) without a complete CONNECT is closed.
+WS_HANDSHAKE_MAX = 64 * 1024
+TLS_VERSIONS = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLSv1_3}
 
 
 class Connection(asyncio.Protocol):
@@ -87,9 +119,10 @@ class Connection(asyncio.Protocol):
         "last_rx", "opened", "out", "flush_scheduled", "closing", "paused", "peer", "loop",
         "held", "held_bytes", "reading", "retry_scheduled",
         "held_full", "paused_at", "paused_size", "out_bytes", "closed_at", "login_refused",
+        "listener", "cert_username", "listener_allow_anonymous",
     )
 
-    def __init__(self, srv: Server):
+    def __init__(self, srv: Server, listener: ListenerConfig):
         self.srv = srv
         self.broker = srv.broker
         self.stats = srv.broker.stats
@@ -116,6 +149,11 @@ class Connection(asyncio.Protocol):
         self.out_bytes = 0  # in `out`, not yet written
         self.closed_at = 0.0
         self.login_refused = False  # set by the core: CONNACK 4 or 5 for a login
+        self.listener = listener
+        # For the core: the client's user name from its certificate (use_identity_as_username),
+        # and the listener's allow_anonymous (None: the broker's applies).
+        self.cert_username: str | None = None
+        self.listener_allow_anonymous = listener.allow_anonymous
 
     # asyncio.Protocol ------------------------------------------------------------------------
 
@@ -137,6 +175,15 @@ class Connection(asyncio.Protocol):
             self.closing = True
             transport.abort()
             return
+        if self.listener.use_identity_as_username:
+            # connection_made comes after the TLS handshake: the certificate is verified.
+            self.cert_username = _common_name(transport.get_extra_info("peercert"))
+            if self.cert_username is None:
+                self.srv.log.info("client certificate has no subject CN (use_identity_as_username); closing",
+                                  peer=self.peer, port=self.listener.port)
+                self.closing = True
+                transport.abort()
+                return
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.srv.conns.add(self)
 
@@ -173,7 +220,9 @@ class Connection(asyncio.Protocol):
                     reader.set_max_packet_size(self.srv.cfg.max_packet_size)
                     if self.srv.log.is_debug():
                         self.srv.log.debug("client connected", client=self.session.client_id, peer=self.peer,
-                                           clean=int(pkt.clean_session), keepalive=pkt.keep_alive)
+                                           clean=int(pkt.clean_session), keepalive=pkt.keep_alive,
+                                           username=self.cert_username or pkt.username or "-",
+                                           port=self.listener.port)
                 elif (held and type(pkt) not in PASS_WHILE_HELD) or not broker.handle(self, pkt):
                     held.append(pkt)
                     if type(pkt) is Publish:
@@ -264,9 +313,12 @@ class Connection(asyncio.Protocol):
         if out and self.transport is not None and not self.transport.is_closing():
             data = out[0] if len(out) == 1 else b"".join(out)
             self.stats.bytes_sent += len(data)
-            self.transport.write(data)
+            self._write(data)
         out.clear()
         self.out_bytes = 0
+
+    def _write(self, data: bytes) -> None:
+        self.transport.write(data)
 
     def close(self) -> None:
         """Flush what is pending (a CONNACK with an error code, say), then close."""
@@ -286,6 +338,143 @@ class Connection(asyncio.Protocol):
         return self.session.client_id if self.session is not None else "-"
 
 
+def _common_name(cert: dict | None) -> str | None:
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
+class WsConnection(Connection):
+    """MQTT over WebSocket (section 6): websockets' sans-IO ServerProtocol between the socket
+    and the Connection. The opening handshake must offer a subprotocol of WS_SUBPROTOCOLS;
+    a refused one gets its HTTP error and a close. Binary frames (and their continuations)
+    carry the MQTT byte stream, which goes to the MQTT reader however it is split
+    [MQTT-6.0.0-2]; a text frame closes the connection [MQTT-6.0.0-1]. Pings are answered and
+    close frames echoed by websockets; its end of stream (SEND_EOF) closes the connection."""
+
+    __slots__ = ("ws", "before_connect")
+
+    def __init__(self, srv: Server, listener: ListenerConfig):
+        super().__init__(srv, listener)
+        self.ws = ServerProtocol(subprotocols=WS_SUBPROTOCOLS,
+                                 max_size=(None, srv.cfg.max_packet_size + 5 + WS_FRAME_SLACK))
+        self.before_connect = 0  # bytes received while no CONNECT was accepted
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        ws = self.ws
+        if self.session is None:
+            self.before_connect += len(data)
+        ws.receive_data(data)
+        mqtt = []
+        for event in ws.events_received():
+            if isinstance(event, Request):
+                response = ws.accept(event)
+                ws.send_response(response)
+                if response.status_code != 101:
+                    self._refused(response.status_code)
+                    break
+            elif event.opcode is Opcode.BINARY or event.opcode is Opcode.CONT:
+                mqtt.append(event.data)
+            elif event.opcode is Opcode.TEXT:
+                ws.fail(CloseCode.UNSUPPORTED_DATA, "MQTT over WebSocket takes binary frames only")
+                break
+        if ws.handshake_exc is not None and not ws.accept_called and not self.closing:
+            # Refused before it reached accept(): lines too long (websockets answers 414 or 431)
+            # or not an HTTP/1.1 request at all (it closes without a word: we answer 400).
+            if isinstance(ws.handshake_exc, InvalidMessage):
+                self.transport.write(ws.reject(400, "Failed to open a WebSocket connection: "
+                                                    "not an HTTP/1.1 request.\n").serialize())
+            self._refused(400 if isinstance(ws.handshake_exc, InvalidMessage) else "-")
+        if mqtt:
+            super().data_received(b"".join(mqtt))
+        self._ws_out()
+        if (self.session is None and not self.closing
+                and self.before_connect > self.srv.cfg.max_connect_size + WS_HANDSHAKE_MAX):
+            self.broker.limit_hit("connect_size_refused", "WebSocket bytes before CONNECT over max_connect_size; "
+                                  "closing connection", peer=self.peer, received=self.before_connect)
+            self.close()
+
+    def _refused(self, status: int | str) -> None:
+        exc = self.ws.handshake_exc
+        self.srv.log.info("WebSocket handshake refused; closing connection", peer=self.peer, status=status,
+                          error=str(exc.__cause__ or exc) if exc else "-")
+
+    def _ws_out(self) -> None:
+        """Write what websockets has to send: handshake response, pongs, close frames. Its end
+        of stream (the WebSocket is closed, by either side) closes the connection."""
+        for chunk in self.ws.data_to_send():
+            if chunk:
+                if not self.transport.is_closing():
+                    self.transport.write(chunk)
+            elif not self.closing:
+                sent, rcvd = self.ws.close_sent, self.ws.close_rcvd
+                if sent is not None and rcvd is None:  # we failed it: a text frame, a bad frame
+                    self.srv.log.info("WebSocket error; closing connection", peer=self.peer, client=self.client_id,
+                                      code=int(sent.code), reason=sent.reason)
+                self.close()
+
+    def _write(self, data: bytes) -> None:
+        if self.ws.state is State.OPEN:
+            self.ws.send_binary(data)
+            self._ws_out()
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.flush()
+        if self.ws.state is State.OPEN:
+            self.ws.send_close(CloseCode.NORMAL_CLOSURE)
+            self._ws_out()
+        super().close()
+
+
+def tls_context(lc: ListenerConfig, label: str, source: Path | None) -> ssl.SSLContext:
+    """A listener's TLS context from its files; a file that does not load raises ConfigError
+    naming the key."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if lc.tls_version:
+        ctx.minimum_version = TLS_VERSIONS[lc.tls_version]
+    try:
+        ctx.load_cert_chain(lc.certfile, lc.keyfile)
+    except OSError as e:  # ssl.SSLError is one
+        raise ConfigError(source, f"{label} certfile",
+                          f"cannot load {lc.certfile} with keyfile {lc.keyfile}: {e}") from None
+    if lc.cafile is not None:
+        try:
+            ctx.load_verify_locations(lc.cafile)
+        except OSError as e:
+            raise ConfigError(source, f"{label} cafile", f"cannot load {lc.cafile}: {e}") from None
+    if lc.require_certificate:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class Listener:
+    """A listener's settings at run time and its TLS context. asyncio's server keeps the
+    context it was created with (`front`); `ctx` is the newest (reload_tls), and `_switch`,
+    the front context's server-name callback, moves each new handshake onto it before the
+    certificate is chosen."""
+
+    __slots__ = ("cfg", "label", "host", "source", "ctx", "front")
+
+    def __init__(self, cfg: ListenerConfig, label: str, host: str, source: Path | None):
+        self.cfg, self.label, self.host, self.source = cfg, label, host, source
+        self.ctx = self.front = tls_context(cfg, label, source) if cfg.tls else None
+        if self.front is not None:
+            self.front.sni_callback = self._switch
+
+    def _switch(self, ssl_obj: ssl.SSLObject, server_name: str | None, front: ssl.SSLContext) -> None:
+        if self.ctx is not front:
+            ssl_obj.context = self.ctx
+
+    def reload(self) -> ssl.SSLContext | None:
+        return tls_context(self.cfg, self.label, self.source) if self.cfg.tls else None
+
+
 class Server:
     def __init__(self, cfg: BrokerConfig, log: Log, loop: asyncio.AbstractEventLoop, store: Store | None = None):
         self.cfg, self.log, self.loop = cfg, log, loop
@@ -300,6 +489,7 @@ class Server:
                                          session_expiry=expiration_seconds(cfg.persistent_client_expiration)),
                              clock=time.time, store=store)
         self.conns: set[Connection] = set()
+        self.listeners: list[Listener] = []
         self.refused = 0
         self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when counted)
         self.login_failures: dict[str, tuple[int, float]] = {}  # address -> (failures, since)
@@ -380,6 +570,31 @@ class Server:
                 next_sys = time.monotonic() + self.cfg.sys_interval
                 self.broker.publish_sys()
 
+    async def listen(self, lst: Listener) -> asyncio.Server:
+        """Bind one listener; a failure ends the start (EX_OSERR) naming the address."""
+        conn = WsConnection if lst.cfg.protocol == "websockets" else Connection
+        tls = {} if lst.front is None else {"ssl": lst.front, "ssl_handshake_timeout": self.cfg.connect_timeout}
+        try:
+            server = await self.loop.create_server(lambda: conn(self, lst.cfg), lst.host, lst.cfg.port,
+                                                   backlog=1024, **tls)
+        except OSError as e:
+            hint = " (is another broker, e.g. mosquitto, running?)" if e.errno == errno.EADDRINUSE else ""
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            raise Exit(service.EX_OSERR, f"cannot listen on {lst.host}:{lst.cfg.port}: {reason}{hint}") from None
+        self.listeners.append(lst)
+        return server
+
+    def reload_tls(self) -> None:
+        """SIGHUP: read every TLS listener's certfile, keyfile and cafile again, for new
+        connections; open ones keep theirs. All are loaded before any is swapped in, so a file
+        that does not load (ConfigError) leaves every listener as it was."""
+        fresh = [(lst, lst.reload()) for lst in self.listeners if lst.cfg.tls]
+        for lst, ctx in fresh:
+            lst.ctx = ctx
+        if fresh:
+            self.log.info("TLS certificates reloaded", ports=",".join(str(lst.cfg.port) for lst in self.listeners
+                                                                      if lst.cfg.tls))
+
     def close_all(self) -> None:
         for c in list(self.conns):
             c.close()
@@ -440,7 +655,6 @@ async def serve(svc: Service) -> None:
                      acl_file=new.broker.acl_file or "-")
         return ["[broker] password_file", "[broker] acl_file", "[broker] allow_anonymous"]
 
-    svc.on_reload = reload
     if store is not None:
         try:
             loaded = store.open(page=max(cfg.max_queued_messages, cfg.max_inflight_messages))
@@ -450,21 +664,38 @@ async def serve(svc: Service) -> None:
         svc.log.info("store opened", store=store.path, sessions=len(loaded.sessions), retained=len(loaded.retained),
                      queued=sum(len(s.rows) + s.on_disk for s in loaded.sessions),
                      queued_bytes=store.bytes, skipped=loaded.skipped)
+    # The default listener, always there as Mosquitto's is, then the [[broker.listener]] tables.
+    # Every TLS context is built (and every file read) before the first bind.
+    listeners = [Listener(ListenerConfig(port=port, bind_address=host), "[broker] port", host, None)]
+    listeners += [Listener(lc, f"[[broker.listener]] #{i}", lc.bind_address or host, svc.config.source)
+                  for i, lc in enumerate(cfg.listener, 1)]
+    if any(lst.cfg.protocol == "websockets" for lst in listeners):
+        logging.getLogger("websockets").setLevel(logging.WARNING)  # our own lines say what matters
+    servers: list[asyncio.Server] = []
+    timers = None
     try:
-        listener = await loop.create_server(lambda: Connection(srv), host, port, backlog=1024)
-    except OSError as e:
-        hint = " (is another broker, e.g. mosquitto, running?)" if e.errno == errno.EADDRINUSE else ""
-        reason = os.strerror(e.errno) if e.errno else str(e)
-        raise Exit(service.EX_OSERR, f"cannot listen on {host}:{port}: {reason}{hint}") from None
-    svc.status_fn = srv.broker.summary
-    bound = listener.sockets[0].getsockname()
-    svc.ready(f"listening on {bound[0]}:{bound[1]}")
-    timers = asyncio.create_task(srv.run_timers(svc))
-    try:
+        bound = []
+        for lst in listeners:
+            servers.append(await srv.listen(lst))
+            addr = servers[-1].sockets[0].getsockname()
+            bound.append(f"{addr[0]}:{addr[1]}")
+            svc.log.info(f"listening on {bound[-1]}", protocol=lst.cfg.protocol, tls="yes" if lst.cfg.tls else "no")
+
+        def on_reload(new: Config) -> list[str]:
+            applied = reload(new)  # password file and ACL; a broken one raises: nothing changes
+            srv.reload_tls()
+            return applied
+
+        svc.on_reload = on_reload
+        svc.status_fn = srv.broker.summary
+        svc.ready("listening on " + ", ".join(bound))
+        timers = asyncio.create_task(srv.run_timers(svc))
         await svc.stopped()
     finally:
-        timers.cancel()
-        listener.close()
+        if timers is not None:
+            timers.cancel()
+        for server in servers:
+            server.close()
         srv.close_all()
         await asyncio.sleep(0)  # let the closes flush
         if store is not None:
@@ -478,7 +709,8 @@ def _port(text: str) -> int:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("-p", "--port", type=_port, help="listen on this port, 1-65535 (overrides [broker] port)")
+    p.add_argument("-p", "--port", type=_port,
+                   help="default listener's port, 1-65535 (overrides [broker] port; not [[broker.listener]])")
 
 
 def main(argv=None) -> int:

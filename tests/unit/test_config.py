@@ -34,6 +34,10 @@ def test_shipped_file_documents_every_key_with_its_default():
     for line in SHIPPED.read_text().splitlines():
         if m := re.match(r"^\[(\w+)\]", line):
             section = m.group(1)
+        elif m := re.match(r"^# \[\[(\w+)\.(\w+)\]\]$", line):
+            # An array of tables, documented by a commented example: its keys follow.
+            seen[(m.group(1), m.group(2))] = "[]"
+            section = f"{m.group(1)}.{m.group(2)}"
         elif m := re.match(r"^#? ?(\w+) = (.+)$", line):
             seen[(section, m.group(1))] = m.group(2)
     for name, cls in config.SECTIONS.items():
@@ -45,6 +49,14 @@ def test_shipped_file_documents_every_key_with_its_default():
             documented = getattr(config.parse({name: {f.name: value}}, SHIPPED), name)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             assert getattr(documented, f.name) == default, f"[{name}] {f.name} documents a wrong default"
+    for f in dataclasses.fields(config.ListenerConfig):
+        assert ("broker.listener", f.name) in seen, f"[[broker.listener]] {f.name} is not documented in {SHIPPED}"
+        if f.default in (dataclasses.MISSING, None):
+            continue  # port is required; an unset allow_anonymous has no TOML spelling
+        value = tomllib.loads(f"k = {seen[('broker.listener', f.name)]}")["k"]
+        documented = config.parse({"broker": {"listener": [{"port": 8883, f.name: value}]}}, SHIPPED)
+        assert getattr(documented.broker.listener[0], f.name) == f.default, \
+            f"[[broker.listener]] {f.name} documents a wrong default"
 
 
 def test_defaults_apply_when_no_file_is_found(monkeypatch, tmp_path):
@@ -153,3 +165,65 @@ def test_max_inflight_per_client_takes_a_table_of_patterns():
         config.parse({"broker": {"max_inflight_per_client": {"meter-*": 0}}}, None)
     with pytest.raises(config.ConfigError, match="expected a table"):
         config.parse({"broker": {"max_inflight_per_client": 5}}, None)
+
+
+def _tls_files(tmp_path: Path) -> None:
+    for name in ("server.crt", "server.key", "ca.crt"):
+        (tmp_path / name).write_text("PEM\n")  # only their existence is checked when loading
+
+
+def test_listener_tables_take_mosquittos_keys_with_paths_relative_to_the_file(tmp_path):
+    _tls_files(tmp_path)
+    cfg = load_text(tmp_path, '[broker]\n'
+                    '[[broker.listener]]\nport = 8883\ncertfile = "server.crt"\nkeyfile = "server.key"\n'
+                    'cafile = "ca.crt"\nrequire_certificate = true\nuse_identity_as_username = true\n'
+                    'tls_version = "tlsv1.3"\nallow_anonymous = false\n'
+                    '[[broker.listener]]\nport = 8080\nbind_address = "127.0.0.1"\nprotocol = "websockets"\n')
+    tls, ws = cfg.broker.listener
+    assert (tls.port, tls.bind_address, tls.protocol, tls.tls) == (8883, "", "mqtt", True)
+    assert (tls.certfile, tls.keyfile, tls.cafile) == (tmp_path / "server.crt", tmp_path / "server.key",
+                                                        tmp_path / "ca.crt")
+    assert tls.require_certificate and tls.use_identity_as_username and tls.tls_version == "tlsv1.3"
+    assert tls.allow_anonymous is False
+    assert (ws.port, ws.bind_address, ws.protocol, ws.tls, ws.allow_anonymous) == (8080, "127.0.0.1", "websockets",
+                                                                                   False, None)
+    assert cfg.broker.port == 1883  # the default listener stays
+
+
+@pytest.mark.parametrize("tables, key, expected", [
+    ('[[broker.listener]]\nprot = 1\n', "[[broker.listener]] #1 prot", "unknown key"),
+    ('[[broker.listener]]\nport = 1\n[[broker.listener]]\nbind_address = "::1"\n', "[[broker.listener]] #2 port",
+     "missing"),
+    ('[[broker.listener]]\nport = 0\n', "[[broker.listener]] #1 port", "expected an integer from 1 to 65535"),
+    ('[[broker.listener]]\nport = "8883"\n', "[[broker.listener]] #1 port", "expected an integer"),
+    ('[[broker.listener]]\nport = 1\nprotocol = "ws"\n', "[[broker.listener]] #1 protocol",
+     "expected one of mqtt, websockets, got 'ws'"),
+    ('[[broker.listener]]\nport = 1\nrequire_certificate = "yes"\n', "[[broker.listener]] #1 require_certificate",
+     "expected true or false"),
+    ('[[broker.listener]]\nport = 1\ntls_version = "tlsv1"\n', "[[broker.listener]] #1 tls_version",
+     "expected one of , tlsv1.2, tlsv1.3"),
+    ('[[broker.listener]]\nport = 1\ncertfile = "server.crt"\n', "[[broker.listener]] #1 keyfile",
+     "certfile is set, TLS needs both"),
+    ('[[broker.listener]]\nport = 1\nkeyfile = "server.key"\n', "[[broker.listener]] #1 certfile",
+     "keyfile is set, TLS needs both"),
+    ('[[broker.listener]]\nport = 1\ncafile = "ca.crt"\n', "[[broker.listener]] #1 cafile",
+     "is a TLS setting: set certfile and keyfile too"),
+    ('[[broker.listener]]\nport = 1\ntls_version = "tlsv1.2"\n', "[[broker.listener]] #1 tls_version",
+     "is a TLS setting"),
+    ('[[broker.listener]]\nport = 1\ncertfile = "server.crt"\nkeyfile = "server.key"\nrequire_certificate = true\n',
+     "[[broker.listener]] #1 require_certificate", "needs cafile"),
+    ('[[broker.listener]]\nport = 1\ncertfile = "server.crt"\nkeyfile = "server.key"\ncafile = "ca.crt"\n'
+     'use_identity_as_username = true\n', "[[broker.listener]] #1 use_identity_as_username",
+     "needs require_certificate = true"),
+    ('[[broker.listener]]\nport = 1\n[[broker.listener]]\nport = 2\ncertfile = "server.crt"\nkeyfile = "nope.key"\n',
+     "[[broker.listener]] #2 keyfile", "no such file: "),
+    ('[broker.listener]\nport = 1\n', "[[broker.listener]]", "expected [[broker.listener]] tables"),
+    ('listener = 5\n', "[[broker.listener]]", "expected [[broker.listener]] tables, got 5"),
+])
+def test_bad_listener_tables_name_the_table_and_key(tmp_path, tables, key, expected):
+    _tls_files(tmp_path)
+    with pytest.raises(config.ConfigError) as e:
+        load_text(tmp_path, "[broker]\n" + tables)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(tmp_path / "iot.toml"))
+    assert f"{key}: " in msg and expected in msg, msg
