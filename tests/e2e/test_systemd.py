@@ -362,6 +362,14 @@ def test_install_start_and_operate_as_the_readme_says(container):
         assert n_restarts(c, u) == 0, status(c, u)
     assert c.sh("systemctl show -p User --value iot-broker").stdout.strip() == "iot"
     assert c.sh("stat -c '%a %U' /etc/iot/ingest.keys").stdout.split() == ["600", "iot"]
+    # Authentication is on: the local daemons log in as iot-local (the file transfer below
+    # shows it), an anonymous client is refused with CONNACK 5 (not authorised).
+    assert c.sh("stat -c '%a %U %G' /etc/iot/passwd /etc/iot/mqtt.secret").stdout.split() == \
+        ["640", "root", "iot"] * 2
+    anonymous = ("import socket; s = socket.create_connection(('127.0.0.1', 1883)); "
+                 "s.sendall(bytes.fromhex('101000044d5154540402003c000461626364')); print(s.recv(4).hex())")
+    assert c.sh(f'/opt/iot/bin/python -c "{anonymous}"').stdout.strip() == "20020005"
+    assert "login refused" in c.sh("journalctl -u iot-broker --no-pager -o cat").stdout
 
     st = c.sh("/opt/iot/bin/iotctl status", check=False)
     assert st.returncode == 0, st.stdout + st.stderr
