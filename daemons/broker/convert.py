@@ -102,6 +102,7 @@ class _Mapper:
         self.notes.append(Report(line, why, note=True))
 
     def put(self, name: str, value: Any, line: Line | None, why: str = "", into: dict | None = None) -> None:
+        value = str(value) if isinstance(value, Path) else value  # a Key holds what TOML holds
         (self.broker if into is None else into)[name] = Key(name, value, line, why)
 
     # the whole ---------------------------------------------------------------------------
