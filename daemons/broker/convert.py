@@ -186,21 +186,21 @@ class _Mapper:
 
     def default_listener(self, default: Listener | None, tables: list[tuple[Listener, dict[str, Key]]]) -> None:
         m = self.m
+        if m.local_only and m.default.used:
+            self.note(None, "listener options but no `listener` or `port` line: Mosquitto opens its default "
+                            "listener on 1883 of every interface and lets anonymous clients in; converted as "
+                            "such (add a `listener` line to choose)")
         if default is not None:
             if default.port:
                 self.put("port", default.port.value, default.port.line)
             if default.bind:
                 self.put("host", default.bind.value, default.bind.line)
-            if m.local_only:
-                self.note(None, "listener options but no `listener` or `port` line: Mosquitto opens its default "
-                                "listener on 1883 of every interface and lets anonymous clients in; converted as "
-                                "such (add a `listener` line to choose)")
         elif m.local_only and not m.default.used:
             self.put("host", "127.0.0.1", None, "Mosquitto without `listener` and `port` lines runs local only: "
                                                 "port 1883 of this machine")
             self.note(None, "no `listener` and no `port` line: Mosquitto runs local only (127.0.0.1:1883, "
                             "anonymous clients let in); converted as such")
-        else:
+        else:  # no plain listener to take: ours, which is always there, on loopback
             taken = {t["port"].value for _, t in tables}
             port = next(p for p in range(1883, 65536) if p not in taken)
             why = ("iot-broker always has a plain MQTT listener here; the Mosquitto file has none: this one "

@@ -332,13 +332,13 @@ class _Reader:
                 if flag is not None:
                     target[option] = Setting(flag, line)
             if m.per_listener:
+                zero = target.get("allow_zero_length_clientid") if option == "allow_zero_length_clientid" else None
                 self.on_listener(line, option, opens=option == "password_file" or (
-                    option == "allow_zero_length_clientid" and target[option].value is False))
+                    zero is not None and zero.value is False))
             self.security_seen = True
         elif option in _LISTENER_SCOPED or option.startswith(("auth_opt_", "plugin_opt_")):
             self.listener_option(line, option, value)
-        elif option in ("max_inflight_messages", "max_queued_messages", "max_queued_bytes", "max_packet_size",
-                        "sys_interval"):
+        elif option in _GLOBAL_INTS:
             if not value:
                 self.problem(line, "no value: Mosquitto refuses the file")
             else:

@@ -471,3 +471,25 @@ def test_command_exit_codes_stdout_stderr_and_output_file(tmp_path, capsys):
     assert e.value.code == 64
     assert ctl.main(["broker-config", "--from-mosquitto", str(good), "--cwd", str(tmp_path / "nowhere")]) == 64
     assert ctl.main(["broker-config", "--from-mosquitto", str(good), "--force"]) == 64
+
+
+def test_per_listener_options_before_the_first_listener_are_the_default_listeners(tmp_path):
+    """With per_listener_settings true, a password_file before any `listener` line is the
+    default listener's and makes Mosquitto open it (on 1883); an allow_anonymous there does
+    not, and Mosquitto ignores it when nothing else opens it."""
+    (tmp_path / "p").write_text("")
+    c = conv(tmp_path, "per_listener_settings true\npassword_file p\nlistener 1884\npassword_file p\n")
+    assert broker(c) == {"password_file": str(tmp_path / "p")}  # our default listener, on 1883
+    assert tables(c) == [{"port": 1884}]
+    c = conv(tmp_path, "per_listener_settings true\nallow_anonymous true\nlistener 1884\nallow_anonymous true\n")
+    assert broker(c) == {"port": 1884, "allow_anonymous": True}
+    assert notes(c) == [f"{tmp_path}/mosquitto.conf:2: note: allow_anonymous true: Mosquitto ignores it: it sets the "
+                        "default listener (it stands before the file's first `listener` line), which Mosquitto does "
+                        "not open here"]
+
+
+def test_a_bad_boolean_on_a_listener_is_reported_not_a_crash(tmp_path):
+    c = conv(tmp_path, "per_listener_settings true\nlistener 1883\nallow_zero_length_clientid maybe\n"
+                       "allow_anonymous true\n")
+    assert problems(c)[1] == (f"{tmp_path}/mosquitto.conf:3: not converted: allow_zero_length_clientid maybe: not "
+                              "true, false, 1 or 0: Mosquitto refuses the file")
