@@ -51,8 +51,8 @@ _MAX_INFLIGHT = 65535
 _MAX_QUEUED = 10_000_000
 _MAX_CONNECTIONS = 1_000_000
 _MIN_BODY, _MAX_BODY = 64, 268_435_455
-_LEFT_OUT = ("the listener at {where} is left out: without this it would let in clients Mosquitto refuses "
-             "or listen where Mosquitto does not")
+_LEFT_OUT = ("{label} is left out: without this it would let in clients Mosquitto refuses or listen where "
+             "Mosquitto does not")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +109,14 @@ class _Mapper:
 
     def run(self) -> tuple[dict[str, Key], list[dict[str, Key]]]:
         m = self.m
-        if not m.default.used and not m.local_only:
+        if not m.default.used:
+            blocked = {r.line: r.why for r in m.default.blockers}
             for line in m.default.lines:
-                self.note(line, "Mosquitto ignores it: it sets the default listener (it stands before the file's "
-                                "first `listener` line), which Mosquitto does not open here")
+                if line in blocked:
+                    self.problem(line, blocked[line])
+                else:
+                    self.note(line, "Mosquitto ignores it: it sets the default listener (it stands before the "
+                                    "file's first `listener` line), which Mosquitto does not open here")
         listeners = [lst for lst in m.mosquitto_listeners() if self.usable(lst)]
         default = next((lst for lst in ([m.default] if m.default in listeners else []) + listeners if lst.plain),
                        None)
@@ -160,14 +164,13 @@ class _Mapper:
                                                  "listener's files at start: convert on the machine that has them)"))
         if not block:
             return True
-        where = lst.where
         reported = set()
         for r in block:
-            self.problem(r.line, f"{r.why}; " + _LEFT_OUT.format(where=where))
+            self.problem(r.line, f"{r.why}; " + _LEFT_OUT.format(label=lst.label))
             reported.add(r.line)
         for line in lst.lines:
             if line not in reported:
-                self.problem(line, f"part of the listener at {where}, which is left out ({block[0].line.where})")
+                self.problem(line, f"part of {lst.label}, which is left out ({block[0].line.where})")
         return False
 
     def table(self, lst: Listener) -> tuple[Listener, dict[str, Key]]:
@@ -216,11 +219,12 @@ class _Mapper:
     def security(self, listeners: list[Listener], default: Listener | None,
                  tables: list[tuple[Listener, dict[str, Key]]]) -> None:
         m, per = self.m, self.m.per_listener is not None
-        everyone = listeners or [m.default]
-        if per:
-            password = self.one_for_all("password_file", None, everyone, default)
-            acl = self.one_for_all("acl_file", None, everyone, default)
-            zero = self.one_for_all("allow_zero_length_clientid", True, everyone, default)
+        if per and listeners:
+            password = self.one_for_all("password_file", None, listeners, default)
+            acl = self.one_for_all("acl_file", None, listeners, default)
+            zero = self.one_for_all("allow_zero_length_clientid", True, listeners, default)
+        elif per:  # local only: Mosquitto's own listeners have no per-listener settings
+            password = acl = zero = None
         else:
             password, acl = m.settings.get("password_file"), m.settings.get("acl_file")
             zero = m.settings.get("allow_zero_length_clientid")
@@ -271,10 +275,9 @@ class _Mapper:
             mine = lst.opts.get(key)
             if (mine.value if mine is not None else absent) != value:
                 line = mine.line if mine is not None else lst.anchor
-                self.problem(line, f"per_listener_settings true: this listener ({lst.where}) has "
-                                   f"{_shown(mine.value if mine else absent)} as its {key}, the one at {chosen.where} "
-                                   f"{_shown(value)}; iot-broker keeps one {key} for all listeners: "
-                                   f"{_shown(value)}")
+                self.problem(line, f"per_listener_settings true: {lst.label} has {key} "
+                                   f"{_shown(mine.value if mine else absent)}, {chosen.label} {_shown(value)}; "
+                                   f"iot-broker keeps one {key} for all listeners: {_shown(value)}")
         return s
 
     def max_connections(self, listeners: list[Listener]) -> None:

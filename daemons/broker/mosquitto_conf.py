@@ -90,10 +90,13 @@ class Listener:
     used: bool = False  # the implicit default listener: does Mosquitto open it?
 
     @property
-    def where(self) -> str:
+    def label(self) -> str:
+        """How a report names it: "the listener at FILE:LINE" or "Mosquitto's default listener
+        (FILE:LINE)" after its port or bind_address line or its first option."""
         if self.line is not None:
-            return self.line.where
-        return self.port.line.where if self.port else self.bind.line.where if self.bind else "the default listener"
+            return f"the listener at {self.line.where}"
+        anchor = self.anchor
+        return "Mosquitto's default listener" + (f" ({anchor.where})" if anchor else "")
 
     @property
     def anchor(self) -> Line | None:
@@ -288,6 +291,9 @@ class _Reader:
     def include_dir(self, line: Line, value: str, level: int) -> None:
         if level > 0:
             self.note(line, "Mosquitto reads include_dir in the main file only: this one is ignored")
+            return
+        if not value:
+            self.problem(line, "no value: Mosquitto refuses the file")
             return
         folder = self.path(value)
         try:

@@ -401,15 +401,14 @@ allow_zero_length_clientid false
     assert problems(c) == [
         f"{f}:1: not converted: per_listener_settings true: iot-broker keeps one set of rules for all listeners (a "
         "listener may override allow_anonymous); the listeners' files are converted where they agree",
-        f"{f}:9: not converted: listener 1885: per_listener_settings true: this listener ({f}:9) has none as its "
-        f"acl_file, the one at {f}:2 {tmp_path}/acl; iot-broker keeps one acl_file for all listeners: {tmp_path}/acl",
-        f"{f}:10: not converted: password_file other: per_listener_settings true: this listener ({f}:9) has "
-        f"{tmp_path}/other as its password_file, the one at {f}:2 {tmp_path}/users; iot-broker keeps one "
-        f"password_file for all listeners: {tmp_path}/users",
-        f"{f}:11: not converted: allow_zero_length_clientid false: per_listener_settings true: this listener ({f}:9) "
-        f"has false as its allow_zero_length_clientid, the one at {f}:2 true; iot-broker keeps one "
+        f"{f}:9: not converted: listener 1885: per_listener_settings true: the listener at {f}:9 has acl_file none, "
+        f"the listener at {f}:2 {tmp_path}/acl; iot-broker keeps one acl_file for all listeners: {tmp_path}/acl",
+        f"{f}:10: not converted: password_file other: per_listener_settings true: the listener at {f}:9 has "
+        f"password_file {tmp_path}/other, the listener at {f}:2 {tmp_path}/users; iot-broker keeps one password_file "
+        f"for all listeners: {tmp_path}/users",
+        f"{f}:11: not converted: allow_zero_length_clientid false: per_listener_settings true: the listener at {f}:9 "
+        f"has allow_zero_length_clientid false, the listener at {f}:2 true; iot-broker keeps one "
         "allow_zero_length_clientid for all listeners: true"]
-
 
 def test_per_listener_settings_after_a_security_setting_is_refused_by_mosquitto(tmp_path):
     c = conv(tmp_path, "allow_anonymous true\nper_listener_settings true\n")
@@ -486,6 +485,14 @@ def test_per_listener_options_before_the_first_listener_are_the_default_listener
     assert notes(c) == [f"{tmp_path}/mosquitto.conf:2: note: allow_anonymous true: Mosquitto ignores it: it sets the "
                         "default listener (it stands before the file's first `listener` line), which Mosquitto does "
                         "not open here"]
+
+
+def test_lines_mosquitto_ignores_or_refuses_on_an_unopened_default_listener(tmp_path):
+    c = conv(tmp_path, "protocol\nallow_anonymous true\ninclude_dir\n")
+    f = f"{tmp_path}/mosquitto.conf"
+    assert problems(c) == [f"{f}:1: not converted: protocol: protocol '': iot-broker speaks mqtt and websockets",
+                           f"{f}:3: not converted: include_dir: no value: Mosquitto refuses the file"]
+    assert c.files == (f,)
 
 
 def test_a_bad_boolean_on_a_listener_is_reported_not_a_crash(tmp_path):
