@@ -189,7 +189,7 @@ class _Mapper:
 
     def default_listener(self, default: Listener | None, tables: list[tuple[Listener, dict[str, Key]]]) -> None:
         m = self.m
-        if m.local_only and m.default.used:
+        if m.local_only and (default is m.default or any(lst is m.default for lst, _ in tables)):
             self.note(None, "listener options but no `listener` or `port` line: Mosquitto opens its default "
                             "listener on 1883 of every interface and lets anonymous clients in; converted as "
                             "such (add a `listener` line to choose)")
