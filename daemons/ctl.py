@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     transfer_commands(sub)
     from .broker.passwd import add_commands as passwd_commands  # noqa: PLC0415 - `passwd`
     passwd_commands(sub)
+    from .broker.convert import add_commands as convert_commands  # noqa: PLC0415 - `broker-config`
+    convert_commands(sub)
     return parser
 
 
