@@ -375,7 +375,7 @@ class WsConnection(Connection):
                 response = ws.accept(event)
                 ws.send_response(response)
                 if response.status_code != 101:
-                    self._refused(response.status_code)
+                    self._handshake_refused(response.status_code)
                     break
             elif event.opcode is Opcode.BINARY or event.opcode is Opcode.CONT:
                 mqtt.append(event.data)
@@ -388,7 +388,7 @@ class WsConnection(Connection):
             if isinstance(ws.handshake_exc, InvalidMessage):
                 self.transport.write(ws.reject(400, "Failed to open a WebSocket connection: "
                                                     "not an HTTP/1.1 request.\n").serialize())
-            self._refused(400 if isinstance(ws.handshake_exc, InvalidMessage) else "-")
+            self._handshake_refused(400 if isinstance(ws.handshake_exc, InvalidMessage) else "-")
         if mqtt:
             super().data_received(b"".join(mqtt))
         self._ws_out()
@@ -398,7 +398,7 @@ class WsConnection(Connection):
                                   "closing connection", peer=self.peer, received=self.before_connect)
             self.close()
 
-    def _refused(self, status: int | str) -> None:
+    def _handshake_refused(self, status: int | str) -> None:
         exc = self.ws.handshake_exc
         self.srv.log.info("WebSocket handshake refused; closing connection", peer=self.peer, status=status,
                           error=str(exc.__cause__ or exc) if exc else "-")

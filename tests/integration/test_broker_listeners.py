@@ -493,3 +493,29 @@ def test_a_websocket_frame_cannot_hold_more_than_max_connect_size_before_connect
         assert c.packet().raw == mqttraw.connack(0)
     finally:
         c.close()
+
+
+def test_a_refused_login_over_websocket_gets_its_connack_and_a_close(broker_factory, tmp_path):
+    """The refusal path of a login (at once, and slowed down after repeated failures) is the
+    same for a WebSocket connection: CONNACK 4 in a binary frame, then the close."""
+    pw = tmp_path / "passwd"
+    subprocess.run([str(BIN / "iotctl"), "passwd", "-c", "-b", str(pw), "alice", "right"], check=True, timeout=60)
+    w = free_port()
+    b = broker_factory(f'password_file = "{pw}"\n[[broker.listener]]\nport = {w}\nprotocol = "websockets"\n')
+    for attempt in range(5):  # the fourth and fifth answers come late: the same path, delayed
+        c = WsRaw(w)
+        try:
+            c.ws.send_binary(mqttraw.connect(f"guess-{attempt}", username="alice", password=b"wrong"))
+            c.flush()
+            assert c.packet().raw == mqttraw.connack(4)
+            assert c.closed_with() is not None or c.eof
+        finally:
+            c.close()
+    c = WsRaw(w)
+    try:
+        c.ws.send_binary(mqttraw.connect("alice-1", username="alice", password=b"right"))
+        c.flush()
+        assert c.packet().raw == mqttraw.connack(0)
+    finally:
+        c.close()
+    assert "Traceback" not in b.proc.log() and "login refused" in b.proc.log()
