@@ -157,6 +157,10 @@ class BrokerConfig:
     queue_full: str = field(default="block", metadata=_choices("block", "drop"))
     # Seconds between $SYS/broker/... updates; 0 turns them off.
     sys_interval: float = field(default=10.0, metadata=_range(0, 86400))
+    # Mosquitto's log_type names; "debug" (or "all", or -v) logs every packet in Mosquitto's words
+    # (broker/trace.py says what each name turns on). The default logs no packet lines.
+    log_type: tuple[str, ...] = field(default=("error", "warning", "notice", "information"), metadata=_choices(
+        "debug", "subscribe", "unsubscribe", "error", "warning", "notice", "information", "websockets", "none", "all"))
     allow_zero_length_clientid: bool = True
     # Access (Mosquitto's files and names): a password file made by `iotctl passwd` or
     # `mosquitto_passwd`, and an ACL file. With neither a password_file nor allow_anonymous = true
@@ -396,8 +400,10 @@ def _convert(f: dataclasses.Field, value: Any, key: str, path: Path | None, base
     if kind == "tuple[ListenerConfig, ...]":
         return _listeners(value, path, base)
     if kind == "tuple[str, ...]":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(path, key, f"expected a list of strings, got {value!r}")
+        choices = f.metadata.get("choices")
+        if not isinstance(value, list) or not all(isinstance(v, str) and (not choices or v in choices) for v in value):
+            expected = f"a list of strings from {', '.join(choices)}" if choices else "a list of strings"
+            raise ConfigError(path, key, f"expected {expected}, got {value!r}")
         return tuple(value)
     raise AssertionError(f"config field {key} has unsupported type {kind}")  # our bug, not the user's
 

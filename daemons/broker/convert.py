@@ -19,6 +19,8 @@ clients Mosquitto would, so:
 - Our broker lets every client in where no password_file is set and allow_anonymous is false,
   on 127.0.0.1 only; Mosquitto refuses them all. Tables then get allow_anonymous = false
   (which refuses everyone there too); the default listener cannot, and is reported.
+- `log_type` lines add up as in Mosquitto (each adds its type, "none" clears those before it,
+  "all" is every type) into one `log_type` list of the same names.
 - A value is emitted only when the file sets it (Mosquitto's defaults that differ from ours,
   max_queued_messages 1000 or persistence false, are not imposed), in our units.
 The TOML is loaded back with `tomllib` and `daemons.config.parse` before anyone sees it.
@@ -351,9 +353,33 @@ class _Mapper:
                      "(which it does not read); the folder must be writable by the user iot-broker runs as")
         if s := st.get("persistent_client_expiration"):
             self.put("persistent_client_expiration", s.value, s.line)
+        self.log_type()
         if (s := st.get("persistence")) and s.value and "persistence_location" not in st:
             self.note(s.line, "Mosquitto keeps mosquitto.db in the folder it runs in; iot-broker keeps store.db in "
                               "<state_dir>/broker")
+
+    def log_type(self) -> None:
+        """The log_type lines added up as Mosquitto does: each adds its type, "none" clears those
+        before it, "all" is every type (and absorbs the ones after it)."""
+        lines = self.m.log_types
+        if not lines:
+            return
+        names: list[str] = []
+        for s in lines:
+            if s.value == "none":
+                names = []
+            elif s.value == "all":
+                names = ["all"]
+            elif "all" not in names and s.value not in names:
+                names.append(s.value)
+        why = ("log_type lines added up, as Mosquitto does: " + ", ".join(s.line.where for s in lines)
+               if len(lines) > 1 else "")
+        self.put("log_type", names or ["none"], lines[0].line, why)
+        if "notice" in names and "debug" not in names:
+            self.note(next(s.line for s in lines if s.value == "notice"),
+                      "iot-broker logs Mosquitto's connection lines (\"New client connected from ...\", \"Client ... "
+                      "disconnected.\") with the packet trace only, log_type \"debug\"; its own lines follow "
+                      "[log] level")
 
 
 def _shown(value: Any) -> str:
@@ -363,7 +389,7 @@ def _shown(value: Any) -> str:
 # --- TOML -------------------------------------------------------------------------------------
 
 _ORDER = ("host", "port", "max_connections", "max_packet_size", "max_inflight_messages", "max_queued_messages",
-          "max_queued_bytes", "sys_interval", "allow_zero_length_clientid", "password_file", "acl_file",
+          "max_queued_bytes", "sys_interval", "log_type", "allow_zero_length_clientid", "password_file", "acl_file",
           "allow_anonymous", "persistence", "persistence_location", "persistent_client_expiration")
 
 
@@ -372,6 +398,8 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     out = ['"']
     for c in str(value):
         if c in '"\\':

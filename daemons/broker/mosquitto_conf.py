@@ -20,6 +20,8 @@ Theory of operation. `read(FILE)` replays the file line by line, as Mosquitto do
 - With `per_listener_settings true` the security options (password_file, acl_file,
   allow_anonymous, allow_zero_length_clientid) belong to the current listener, else they are
   global wherever they stand.
+- `log_type` lines add up, each naming one type (its first word); what they come to is
+  decided in convert.py, as Mosquitto does ("none" clears the types before it).
 
 Every line ends up in exactly one place: a value of the model (`Setting`, which names its
 line), or a `Report`, "not converted" (`problems`) or a note. What the model means for
@@ -122,6 +124,7 @@ class Model:
     settings: dict[str, Setting] = field(default_factory=dict)  # global options
     per_listener: Setting | None = None  # per_listener_settings true
     saw_listener: bool = False  # a `listener`, `port` or `bind_address` line: not local only
+    log_types: list[Setting] = field(default_factory=list)  # each valid `log_type` line, in order
     problems: list[Report] = field(default_factory=list)
     notes: list[Report] = field(default_factory=list)
 
@@ -145,7 +148,7 @@ _TLS_ENGINE = "TLS engines are not supported: keyfile must be a PEM file"
 
 # Options we do not carry over, and why.
 UNSUPPORTED: dict[str, str] = {
-    **dict.fromkeys(("log_dest", "log_type", "log_timestamp", "log_timestamp_format", "log_facility",
+    **dict.fromkeys(("log_dest", "log_timestamp", "log_timestamp_format", "log_facility",
                      "connection_messages", "websockets_log_level"), _LOGGING),
     **dict.fromkeys(("auth_plugin", "plugin", "global_plugin", "auth_plugin_deny_special_chars"), _PLUGIN),
     **dict.fromkeys(("connection", "address", "addresses", "topic", "cleansession", "local_cleansession",
@@ -205,6 +208,9 @@ NOTES: dict[str, str] = {
     "set_tcp_nodelay": "iot-broker's connections always have TCP_NODELAY set",
 }
 
+# Mosquitto 2.0's log_type names (conf.c; "websockets" where built with them, as Debian's is).
+LOG_TYPES = ("none", "information", "notice", "warning", "error", "debug", "subscribe", "unsubscribe", "websockets",
+             "all")
 _LISTENER_STRINGS = ("certfile", "keyfile", "cafile", "tls_version")
 _LISTENER_BOOLS = ("require_certificate", "use_identity_as_username")
 _SECURITY = ("password_file", "acl_file", "allow_anonymous", "allow_zero_length_clientid")
@@ -358,6 +364,14 @@ class _Reader:
                 m.settings[option] = Setting(self.path(value), line)
         elif option == "persistent_client_expiration":
             self.expiration(line, value)
+        elif option == "log_type":
+            word = value.split()[0] if value.split() else ""
+            if not word:
+                self.problem(line, "no value: Mosquitto refuses the file")
+            elif word not in LOG_TYPES:
+                self.problem(line, f"not a log_type ({', '.join(LOG_TYPES)}): Mosquitto refuses the file")
+            else:
+                m.log_types.append(Setting(word, line))
         elif option in NOTES:
             self.note(line, NOTES[option])
         elif option in UNSUPPORTED or option.startswith("bridge_"):

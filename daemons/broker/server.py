@@ -49,6 +49,14 @@ as binary frames. A listener may override allow_anonymous and may name the clien
 certificate's CN: `listener_allow_anonymous` and `cert_username` on the Connection, for the
 core.
 
+Packet trace (`[broker] log_type` "debug", "subscribe", "unsubscribe", or -v): a Connection
+has a `PacketTrace` only while the trace is on, so with it off each packet costs one
+`trace is None` test, in `_pump` for what is received and in `send` for what is sent. What is
+sent is decoded back from the bytes the core wrote (one whole packet per `send`), so every
+writer, the core, the sessions and the store's delayed acknowledgements, is traced in one
+place. The lines are trace.py's (Mosquitto's wording) on the logger "iot-broker.packets",
+at debug priority, whose level lets them through whatever `[log] level` says.
+
 Limits at the transport: before CONNECT is accepted the reader takes packets of at most
 `max_connect_size`; `max_connection_rate` is a token bucket per IP address checked at accept
 (buckets full again are forgotten by the sweep, so the table stays small). Counted in the
@@ -79,10 +87,11 @@ from .. import service
 from ..config import BrokerConfig, Config, ConfigError, ListenerConfig, expiration_seconds
 from ..service import Exit, Log, Service
 
+from . import trace
 from .auth import Acl, AuthFileError, PasswordFile
 from .core import Access, Broker, Limits
-from .packets import (Connack, PacketTooLarge, Pingreq, ProtocolError, Puback, Pubcomp, Publish, Pubrec, Pubrel,
-                      Reader, encode)
+from .packets import (Connack, Connect, Disconnect, PacketTooLarge, Pingreq, ProtocolError, Puback, Pubcomp, Publish,
+                      Pubrec, Pubrel, Reader, Suback, Subscribe, Unsubscribe, decode, encode)
 from .store import Store
 
 # Per-connection output buffered in asyncio beyond which QoS 0 messages to that client are
@@ -111,6 +120,94 @@ WS_FRAME_SLACK = 64 * 1024
 # than max_connect_size plus this (its HTTP request) without a complete CONNECT is closed.
 WS_HANDSHAKE_MAX = 64 * 1024
 TLS_VERSIONS = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLSv1_3}
+# The packet trace's own logger, a child of the broker's, so its level can let debug lines
+# through while the broker's other lines follow [log] level.
+PACKETS = logging.getLogger("iot-broker.packets")
+
+
+class PacketTrace:
+    """One connection's packet trace (see the module docstring): trace.py words the lines,
+    this decides which to log and when. Holds what a line needs from later on: the filters of
+    a SUBSCRIBE until its SUBACK says which were granted, and the accepted CONNACK, which
+    Mosquitto logs after "New client connected" although the core sends it first."""
+
+    __slots__ = ("connack", "debug", "subs", "subscribe", "takeover", "unsubscribe")
+
+    def __init__(self, kinds: frozenset[str]):
+        self.debug = trace.DEBUG in kinds
+        self.subscribe = trace.SUBSCRIBE in kinds
+        self.unsubscribe = trace.UNSUBSCRIBE in kinds
+        self.subs: dict[int, tuple[tuple[str, int], ...]] = {}
+        self.connack: Connack | None = None
+        self.takeover = False
+
+    def line(self, text: str) -> None:
+        if self.debug:
+            PACKETS.debug(text)
+
+    @staticmethod
+    def name(conn: Connection) -> str:
+        return conn.session.client_id if conn.session is not None else trace.UNKNOWN
+
+    def received(self, conn: Connection, pkt) -> None:
+        kind = type(pkt)
+        if kind is Connect:
+            s = conn.broker.sessions.get(pkt.client_id)
+            self.takeover = s is not None and s.conn is not None
+            return
+        name = self.name(conn)
+        self.line(trace.received(name, pkt))
+        if kind is Subscribe:
+            for topic_filter, qos in pkt.topics:
+                self.line(trace.subscribe_filter(topic_filter, qos))
+            if self.subscribe:
+                self.subs[pkt.packet_id] = pkt.topics
+        elif kind is Unsubscribe:
+            for topic_filter in pkt.topics:
+                self.line(trace.unsubscribe_filter(topic_filter))
+                if self.unsubscribe:
+                    PACKETS.debug(trace.unsubscribed(name, topic_filter))
+        elif kind is Disconnect:
+            self.line(trace.disconnected(name))
+
+    def connected(self, conn: Connection, pkt: Connect) -> None:
+        """CONNECT accepted: the lines Mosquitto logs for it, then the CONNACK held back."""
+        client_id = conn.session.client_id
+        if self.takeover:
+            self.line(trace.taken_over(client_id))
+        self.line(trace.new_client(conn.peer, client_id, pkt, conn.session.username))
+        for text in trace.will(pkt):
+            self.line(text)
+        if self.connack is not None:
+            self.line(trace.sent(client_id, self.connack))
+            self.connack = None
+
+    def sent(self, conn: Connection, data: bytes) -> None:
+        # The core writes whole packets; a send holding several is read to its end.
+        view, pos = memoryview(data), 0
+        while pos < len(view):
+            try:
+                got = decode(view[pos:], role="client")
+            except ProtocolError as e:  # our bug: say so, never break the connection for a log line
+                PACKETS.warning(f"Sending {len(data) - pos} bytes to {self.name(conn)} the trace cannot decode: {e}")
+                return
+            if got is None:
+                return
+            pkt, used = got
+            pos += used
+            if type(pkt) is Connack:
+                if pkt.return_code == 0:
+                    self.connack = pkt  # logged by connected()
+                    continue
+                # Refused: Mosquitto has no client id yet and names the peer's address.
+                self.line(trace.sent(conn.peer.rpartition(":")[0], pkt))
+                continue
+            name = self.name(conn)
+            if type(pkt) is Suback and self.subscribe:
+                for (topic_filter, _), code in zip(self.subs.pop(pkt.packet_id, ()), pkt.return_codes):
+                    if code != 0x80:
+                        PACKETS.debug(trace.subscribed(name, code, topic_filter))
+            self.line(trace.sent(name, pkt))
 
 
 class Connection(asyncio.Protocol):
@@ -119,8 +216,10 @@ class Connection(asyncio.Protocol):
         "last_rx", "opened", "out", "flush_scheduled", "closing", "paused", "peer", "loop",
         "held", "held_bytes", "reading", "retry_scheduled",
         "held_full", "paused_at", "paused_size", "out_bytes", "closed_at", "login_refused",
-        "listener", "cert_username", "listener_allow_anonymous",
+        "listener", "cert_username", "listener_allow_anonymous", "trace",
     )
+    # Mosquitto 2.0.11 logs "New connection from" for TCP connections only.
+    trace_accept = True
 
     def __init__(self, srv: Server, listener: ListenerConfig):
         self.srv = srv
@@ -154,6 +253,7 @@ class Connection(asyncio.Protocol):
         # and the listener's allow_anonymous (None: the broker's applies).
         self.cert_username: str | None = None
         self.listener_allow_anonymous = listener.allow_anonymous
+        self.trace: PacketTrace | None = PacketTrace(srv.trace_kinds) if srv.trace_kinds else None
 
     # asyncio.Protocol ------------------------------------------------------------------------
 
@@ -186,6 +286,8 @@ class Connection(asyncio.Protocol):
                 return
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.srv.conns.add(self)
+        if self.trace is not None and self.trace_accept:
+            self.trace.line(trace.new_connection(self.peer, self.listener.port))
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -213,11 +315,18 @@ class Connection(asyncio.Protocol):
                 # Only a complete packet counts as activity [MQTT-3.1.2-24]: a byte trickle
                 # must not hold a connection open forever.
                 self.last_rx = time.monotonic()
+                if self.trace is not None:
+                    self.trace.received(self, pkt)
                 if self.session is None:
                     if not broker.connect(self, pkt):
+                        if self.trace is not None:
+                            self.trace.line(trace.not_authorised(trace.UNKNOWN) if self.login_refused
+                                            else trace.protocol_error(trace.UNKNOWN))
                         self._refused()
                         return
                     reader.set_max_packet_size(self.srv.cfg.max_packet_size)
+                    if self.trace is not None:
+                        self.trace.connected(self, pkt)
                     if self.srv.log.is_debug():
                         self.srv.log.debug("client connected", client=self.session.client_id, peer=self.peer,
                                            clean=int(pkt.clean_session), keepalive=pkt.keep_alive,
@@ -236,6 +345,8 @@ class Connection(asyncio.Protocol):
             else:
                 self.srv.log.info("protocol error; closing connection", peer=self.peer, client=self.client_id,
                                   error=str(e), rule=e.rule or "-")
+            if self.trace is not None:
+                self.trace.line(trace.protocol_error(PacketTrace.name(self), e))
             self.close()
             return
         self.held_full = bool(held) and (len(held) >= HELD_PACKETS or self.held_bytes >= HELD_BYTES)
@@ -266,8 +377,8 @@ class Connection(asyncio.Protocol):
         self.transport.pause_reading()
 
         def answer() -> None:
-            for data in connack:
-                self.send(data)
+            if not self.closing:  # not send(): it was counted and traced when the core sent it
+                self.out += connack
             self.close()
 
         self.loop.call_later(delay, answer)
@@ -279,6 +390,8 @@ class Connection(asyncio.Protocol):
             self.loop.call_soon(self._pump)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.trace is not None and not self.closing:  # not closed by us: by the client (EOF or reset)
+            self.trace.line(trace.closed(PacketTrace.name(self)))
         self.closing = True
         self.srv.conns.discard(self)
         if self.session is not None and self.srv.log.is_debug():
@@ -300,6 +413,8 @@ class Connection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if self.closing:
             return
+        if self.trace is not None:
+            self.trace.sent(self, data)
         self.out.append(data)
         self.out_bytes += len(data)
         self.stats.messages_sent += 1
@@ -355,6 +470,7 @@ class WsConnection(Connection):
     close frames echoed by websockets; its end of stream (SEND_EOF) closes the connection."""
 
     __slots__ = ("ws", "before_connect")
+    trace_accept = False
 
     def __init__(self, srv: Server, listener: ListenerConfig):
         super().__init__(srv, listener)
@@ -415,6 +531,8 @@ class WsConnection(Connection):
                 if sent is not None and rcvd is None:  # we failed it: a text frame, a bad frame
                     self.srv.log.info("WebSocket error; closing connection", peer=self.peer, client=self.client_id,
                                       code=int(sent.code), reason=sent.reason)
+                elif self.trace is not None and rcvd is not None:  # the client closed the WebSocket
+                    self.trace.line(trace.closed(PacketTrace.name(self)))
                 self.close()
 
     def _write(self, data: bytes) -> None:
@@ -493,6 +611,16 @@ class Server:
         self.refused = 0
         self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when counted)
         self.login_failures: dict[str, tuple[int, float]] = {}  # address -> (failures, since)
+        self.trace_kinds: frozenset[str] = frozenset()
+
+    def set_log_type(self, log_type: tuple[str, ...], verbose: bool) -> None:
+        """Turn the packet trace on or off (at start and on SIGHUP), for open connections too."""
+        kinds = trace.kinds(log_type, verbose)
+        PACKETS.setLevel(logging.DEBUG if kinds else logging.NOTSET)
+        if kinds != self.trace_kinds:
+            self.trace_kinds = kinds
+            for c in self.conns:
+                c.trace = PacketTrace(kinds) if kinds else None
 
     def login_delay(self, address: str) -> float:
         now = time.monotonic()
@@ -548,11 +676,15 @@ class Server:
             elif c.session is None:
                 if now - c.opened > timeout:
                     self.log.info("no CONNECT in time; closing", peer=c.peer, timeout=timeout)
+                    if c.trace is not None:
+                        c.trace.line(trace.timed_out(trace.UNKNOWN))
                     c.close()
             elif c.held:
                 c.retry_held()  # a session it waits for may have gone (unsubscribed, ended)
             elif c.keepalive and c.reading and now - c.last_rx > 1.5 * c.keepalive:
                 self.log.info("keep-alive expired; closing", client=c.client_id, keepalive=c.keepalive)
+                if c.trace is not None:
+                    c.trace.line(trace.timed_out(c.client_id))
                 c.close()
         self.broker.expire_sessions(self.broker.clock())
         if self.buckets:
@@ -643,6 +775,7 @@ async def serve(svc: Service) -> None:
         store = Store(where / "store.db", svc.log, loop, cfg.max_store_bytes, os.environ.get("IOT_BROKER_FAILPOINT", ""))
     srv = Server(cfg, svc.log, loop, store)
     srv.broker.access = access
+    srv.set_log_type(cfg.log_type, svc.args.verbose)
 
     def reload(new) -> list[str]:
         """SIGHUP: the password file and ACL again (new rules apply from each client's next
@@ -684,7 +817,8 @@ async def serve(svc: Service) -> None:
         def on_reload(new: Config) -> list[str]:
             applied = reload(new)  # password file and ACL; a broken one raises: nothing changes
             srv.reload_tls()
-            return applied
+            srv.set_log_type(new.broker.log_type, svc.args.verbose)
+            return applied + ["[broker] log_type"]
 
         svc.on_reload = on_reload
         svc.status_fn = srv.broker.summary

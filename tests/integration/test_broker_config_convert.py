@@ -197,16 +197,16 @@ def test_converted_site_accepts_and_refuses_the_clients_mosquitto_does(tmp_path,
         m.stop()
     plain, tls, r = start_ours(tmp_path, site, daemon)
 
-    # What was not converted: the logging lines and `user`, nothing about listeners or access.
+    # What was not converted: log_dest and `user`, nothing about listeners or access.
     conf = tmp_path / "ours" / "site.conf"
     reported = [e.split(": not converted: ")[1] for e in r.stderr.splitlines() if ": not converted: " in e]
     assert reported == (["user root: iot-broker does not switch users: its systemd unit runs it as the user iot"]
                         if os.geteuid() == 0 else []) + [
-        f"{x}: iot-broker logs to stderr / the journal ([log] level sets how much)"
-        for x in ("log_dest stderr", "log_type error", "log_type warning", "log_type information")], r.stderr
+        "log_dest stderr: iot-broker logs to stderr / the journal ([log] level sets how much)"], r.stderr
     assert f"{conf}:6: note: autosave_interval 900: not needed" in r.stderr
     broker = tomllib.loads((tmp_path / "ours" / "iot.toml").read_text())["broker"]
     assert (broker["port"], broker["allow_anonymous"], broker["max_queued_messages"]) == (plain, False, 1000)
+    assert broker["log_type"] == ["error", "warning", "information"]  # the three lines, added up
     assert broker["listener"] == [{"port": tls, "bind_address": "127.0.0.1",
                                    "certfile": str(site / "pki" / "server.crt"),
                                    "keyfile": str(site / "pki" / "server.key"), "cafile": str(site / "pki" / "ca1.crt"),

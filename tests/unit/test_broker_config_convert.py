@@ -206,7 +206,9 @@ def test_body_limit_is_the_largest_body_of_a_packet_that_size():
     ("persistence yes", "not true, false, 1 or 0: Mosquitto refuses the file"),
     ("port 70000", "not a port (1-65535): Mosquitto refuses the file"),
     ("log_dest syslog", "iot-broker logs to stderr / the journal ([log] level sets how much)"),
-    ("log_type all", "iot-broker logs to stderr / the journal ([log] level sets how much)"),
+    ("log_type verbose", "not a log_type (none, information, notice, warning, error, debug, subscribe, "
+                         "unsubscribe, websockets, all): Mosquitto refuses the file"),
+    ("log_type", "no value: Mosquitto refuses the file"),
     ("connection bridge-1", "bridges are not supported yet"),
     ("bridge_cafile /x", "bridges are not supported yet"),
     ("auth_plugin /usr/lib/x.so", "plugins are not supported"),
@@ -221,6 +223,36 @@ def test_not_converted_with_file_line_and_why(tmp_path, line, why):
     c = conv(tmp_path, f"allow_anonymous true\n\n{line}\n")
     assert problems(c) == [f"{tmp_path}/mosquitto.conf:3: not converted: {line}: {why}"]
     assert f"#   {tmp_path}/mosquitto.conf:3: not converted: {line}: {why}\n" in c.text  # the block at the top
+
+
+@pytest.mark.parametrize(("lines", "value"), [
+    (["debug"], ["debug"]),
+    (["all"], ["all"]),
+    (["none"], ["none"]),
+    (["error", "warning", "debug", "debug trailing words"], ["error", "warning", "debug"]),  # first word, once
+    (["debug", "none", "subscribe"], ["subscribe"]),  # none clears what came before
+    (["debug", "none"], ["none"]),
+    (["warning", "all", "debug"], ["all"]),  # all is every type already
+    (["all", "none", "unsubscribe", "websockets"], ["unsubscribe", "websockets"]),
+])
+def test_log_type_lines_add_up_as_in_mosquitto(tmp_path, lines, value):
+    c = conv(tmp_path, "listener 1883\nallow_anonymous true\n" + "".join(f"log_type {x}\n" for x in lines))
+    assert broker(c)["log_type"] == value
+    assert problems(c) == [] and notes(c) == []
+    assert configmod.parse(tomllib.loads(c.text), None).broker.log_type == tuple(value)
+    where = f"{tmp_path}/mosquitto.conf"
+    assert f"log_type = {value!r}  # {where}:3".replace("'", '"') in c.text
+    if len(lines) > 1:
+        assert f"{where}:3, {where}:4" in c.text  # the comment above names every line
+
+
+def test_log_type_notice_without_debug_is_noted(tmp_path):
+    c = conv(tmp_path, "listener 1883\nallow_anonymous true\nlog_type error\nlog_type notice\n")
+    assert broker(c)["log_type"] == ["error", "notice"]
+    assert notes(c) == [f"{tmp_path}/mosquitto.conf:4: note: log_type notice: iot-broker logs Mosquitto's connection "
+                        "lines (\"New client connected from ...\", \"Client ... disconnected.\") with the packet trace "
+                        "only, log_type \"debug\"; its own lines follow [log] level"]
+    assert notes(conv(tmp_path, "listener 1883\nallow_anonymous true\nlog_type notice\nlog_type debug\n")) == []
 
 
 def test_a_second_path_is_refused_as_mosquitto_does(tmp_path):

@@ -106,6 +106,10 @@ def test_relative_paths_resolve_against_the_files_folder(tmp_path):
         ("[broker]\nmax_connect_size = 10\n", "[broker] max_connect_size", "from 64 to 268435455"),
         ("[broker]\nmax_connection_rate = -1\n", "[broker] max_connection_rate", "expected an integer"),
         ("[broker]\nwrite_timeout = 0\n", "[broker] write_timeout", "expected a number"),
+        ('[broker]\nlog_type = ["debug", "verbose"]\n', "[broker] log_type",
+         "expected a list of strings from debug, subscribe, unsubscribe, error, warning, notice, information, "
+         "websockets, none, all, got ['debug', 'verbose']"),
+        ('[broker]\nlog_type = "debug"\n', "[broker] log_type", "expected a list of strings from debug"),
     ],
 )
 def test_bad_values_name_file_key_and_expectation(tmp_path, text, key, expected):
