@@ -41,6 +41,7 @@ NAME = "iot-plc"
 # A pass that publishes or confirms more than this many readings (a backlog going out after an
 # outage) logs one summary line instead of one line per packet.
 LINES_PER_PASS = 20
+DROP_LINE_EVERY = 60.0
 
 
 def pick(cfg: Config, name: str | None) -> PlcDeviceConfig:
@@ -68,6 +69,8 @@ class Plc:
         self.inflight: dict[int, tuple[int, float]] = {}  # mid -> (seq, sent at)
         self.sent_upto = -1  # the highest seq handed to paho
         self.acked = self.published = 0
+        self.dropped_unlogged = 0
+        self.drop_line_due = 0.0
         self.client = MqttClient(cfg.mqtt, f"{cfg.mqtt.client_id_prefix}-plc-{dev.name}", log=self.log,
                                  max_inflight=self.window, on_publish=self._on_publish,
                                  on_connect=self._on_connect)
@@ -94,8 +97,13 @@ class Plc:
         seq, dropped = self.queue.add(lambda s: reading.encode(dev_id, s, ts, values, units))
         self.log.debug("reading taken", seq=seq, **values)
         if dropped:
-            self.log.warning("queue full: oldest readings dropped", dropped=dropped, dropped_total=self.queue.dropped,
-                             queue_size=self.queue.limit)
+            self.dropped_unlogged += dropped
+            now = time.monotonic()
+            if now >= self.drop_line_due:  # one line a minute at most: an outage of days stays readable
+                self.drop_line_due = now + DROP_LINE_EVERY
+                self.log.warning("queue full: oldest readings dropped", dropped=self.dropped_unlogged,
+                                 dropped_total=self.queue.dropped, queue_size=self.queue.limit)
+                self.dropped_unlogged = 0
 
     def confirm(self) -> None:
         """PUBACKs in: the readings leave the queue."""
