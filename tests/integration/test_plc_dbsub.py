@@ -89,9 +89,21 @@ class Node:
         return target
 
 
-def start_broker(kind: str, tmp_path: Path, broker_factory):
-    """(port, restart(down_for_fn)) for our broker or a Mosquitto with persistence (as a user runs
-    it: without it a restart forgets iot-dbsub's session and what was queued for it)."""
+@pytest.fixture
+def start_broker(request, tmp_path: Path, broker_factory):
+    """start_broker(kind) -> (port, stop, start): our broker, or a Mosquitto with persistence (as
+    a user runs it: without it a restart forgets iot-dbsub's session and what was queued for it).
+    Stopped at the end of the test either way."""
+
+    def start(kind: str):
+        out = _start_broker(kind, tmp_path, broker_factory)
+        request.addfinalizer(out[1])
+        return out
+
+    return start
+
+
+def _start_broker(kind: str, tmp_path: Path, broker_factory):
     if kind == "iot-broker":
         b = broker_factory("sys_interval = 0\n")
         state = {"proc": b.proc}
@@ -114,8 +126,8 @@ BROKERS = ["iot-broker", "mosquitto"]
 
 
 @pytest.mark.parametrize("kind", BROKERS)
-def test_readings_land_once_each_with_the_handshake_in_every_log(kind, tmp_path, daemon, broker_factory):
-    port, stop, start = start_broker(kind, tmp_path, broker_factory)
+def test_readings_land_once_each_with_the_handshake_in_every_log(kind, tmp_path, daemon, start_broker):
+    port, stop, start = start_broker(kind)
     node = Node(tmp_path, daemon, port)
     node.start_dbsub()
     node.start_plc()
@@ -133,8 +145,8 @@ def test_readings_land_once_each_with_the_handshake_in_every_log(kind, tmp_path,
 
 
 @pytest.mark.parametrize("kind", BROKERS)
-def test_broker_stopped_mid_stream_and_restarted_loses_nothing(kind, tmp_path, daemon, broker_factory):
-    port, stop, start = start_broker(kind, tmp_path, broker_factory)
+def test_broker_stopped_mid_stream_and_restarted_loses_nothing(kind, tmp_path, daemon, start_broker):
+    port, stop, start = start_broker(kind)
     node = Node(tmp_path, daemon, port)
     node.start_dbsub()
     node.start_plc()
@@ -147,8 +159,8 @@ def test_broker_stopped_mid_stream_and_restarted_loses_nothing(kind, tmp_path, d
 
 
 @pytest.mark.parametrize("kind", BROKERS)
-def test_plc_killed_9_and_restarted_goes_on_with_the_next_seq(kind, tmp_path, daemon, broker_factory):
-    port, _, _ = start_broker(kind, tmp_path, broker_factory)
+def test_plc_killed_9_and_restarted_goes_on_with_the_next_seq(kind, tmp_path, daemon, start_broker):
+    port, _, _ = start_broker(kind)
     node = Node(tmp_path, daemon, port)
     node.start_dbsub()
     plc = node.start_plc()
@@ -161,8 +173,8 @@ def test_plc_killed_9_and_restarted_goes_on_with_the_next_seq(kind, tmp_path, da
 
 
 @pytest.mark.parametrize("kind", BROKERS)
-def test_dbsub_killed_9_and_restarted_stores_what_was_sent_meanwhile(kind, tmp_path, daemon, broker_factory):
-    port, _, _ = start_broker(kind, tmp_path, broker_factory)
+def test_dbsub_killed_9_and_restarted_stores_what_was_sent_meanwhile(kind, tmp_path, daemon, start_broker):
+    port, _, _ = start_broker(kind)
     node = Node(tmp_path, daemon, port)
     sub, _ = node.start_dbsub()
     node.start_plc()
@@ -175,8 +187,8 @@ def test_dbsub_killed_9_and_restarted_stores_what_was_sent_meanwhile(kind, tmp_p
 
 
 @pytest.mark.parametrize("kind", BROKERS)
-def test_network_cut_between_plc_and_broker_loses_nothing(kind, tmp_path, daemon, broker_factory):
-    port, _, _ = start_broker(kind, tmp_path, broker_factory)
+def test_network_cut_between_plc_and_broker_loses_nothing(kind, tmp_path, daemon, start_broker):
+    port, _, _ = start_broker(kind)
     proxy = FaultProxy(port).start()
     try:
         node = Node(tmp_path, daemon, port)
