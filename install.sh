@@ -22,7 +22,10 @@ MODE=system
 TEST_DEPS=0 START=0 SUPERVISOR=0 PURGE=0
 ROOT="" WHEELHOUSE="" MAKE_WHEELHOUSE=""
 APT_TEST_PACKAGES=(mosquitto mosquitto-clients mariadb-server debootstrap systemd-container)
-UNITS=(iot-broker.service iot-transfer-recv.service iot-transfer-send.service iot-ingest.service iot.target)
+UNITS=(iot-broker.service iot-transfer-recv.service iot-transfer-send.service iot-ingest.service iot-dbsub.service
+       iot.target)
+# Unit files installed but not enabled themselves: iot-plc@NAME is enabled once per [[plc.device]].
+TEMPLATES=(iot-plc@.service)
 CHANGED=0
 
 usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -148,7 +151,9 @@ install_system() {
 
   WAS_RUNNING=()
   if live_systemd; then
-    for u in "${UNITS[@]}"; do [ "$u" != iot.target ] && systemctl is-active --quiet "$u" && WAS_RUNNING+=("$u"); done
+    for u in "${UNITS[@]}" $(enabled_plcs | sed 's/.*/iot-plc@&.service/'); do
+      [ "$u" != iot.target ] && systemctl is-active --quiet "$u" && WAS_RUNNING+=("$u")
+    done
   fi
 
   step "system user iot"
@@ -212,7 +217,7 @@ install_system() {
   chmod 0640 "$ETC/passwd" "$ETC/mqtt.secret"
 
   step "state $STATE"
-  for d in "$STATE" "$STATE/outbox" "$STATE/transfer" "$STATE/dlq" "$STATE/db"; do
+  for d in "$STATE" "$STATE/outbox" "$STATE/transfer" "$STATE/dlq" "$STATE/db" "$STATE/plc"; do
     if [ -d "$d" ]; then continue; fi
     install -d -m 0750 "$d"; CHANGED=1; say "created $d"
   done
@@ -223,6 +228,7 @@ install_system() {
     step "supervisord config $ETC/supervisord.conf"
     install_file "$HERE/deploy/supervisor/iot.conf" "$ETC/supervisord.conf" 0644
     install -d -m 0750 "$LOGDIR" "$STATE/run"
+    supervisor_plcs
     say "start it with: $OPT/bin/supervisord -c /etc/iot/supervisord.conf"
     if [ "$START" -eq 1 ] && [ -z "$ROOT" ]; then
       step "start supervisord"
@@ -234,7 +240,7 @@ install_system() {
 
   step "systemd units in $UNITDIR"
   local units_changed=0
-  for u in "${UNITS[@]}"; do
+  for u in "${UNITS[@]}" "${TEMPLATES[@]}"; do
     if cmp -s "$HERE/deploy/systemd/$u" "$UNITDIR/$u" 2>/dev/null; then continue; fi
     install -D -m 0644 "$HERE/deploy/systemd/$u" "$UNITDIR/$u"; say "installed $u"; units_changed=1; CHANGED=1
   done
@@ -244,8 +250,10 @@ install_system() {
   step "enable iot.target"
   local sc=(systemctl); [ -n "$ROOT" ] && sc+=(--root="$ROOT")
   if "${sc[@]}" is-enabled --quiet iot.target 2>/dev/null && \
-     "${sc[@]}" is-enabled --quiet iot-broker.service 2>/dev/null; then say "already enabled"
+     "${sc[@]}" is-enabled --quiet iot-broker.service 2>/dev/null && \
+     "${sc[@]}" is-enabled --quiet iot-dbsub.service 2>/dev/null; then say "already enabled"
   else "${sc[@]}" enable --quiet "${UNITS[@]}"; say "enabled"; CHANGED=1; fi
+  systemd_plcs
 
   if live_systemd; then
     if [ ${#WAS_RUNNING[@]} -gt 0 ] && { [ "${VENV_CHANGED:-0}" -eq 1 ] || [ $units_changed -eq 1 ]; }; then
@@ -260,12 +268,71 @@ install_system() {
   fi
 }
 
+configured_plcs() {  # the [[plc.device]] names of the installed config, one per line
+  "$OPT/bin/iot-plc" --list --config "$ETC/iot.toml" || die "cannot read the PLCs of $ETC/iot.toml (see above)"
+}
+
+enabled_plcs() {  # the iot-plc@NAME instances iot.target wants now
+  local f
+  for f in "$UNITDIR"/iot.target.wants/iot-plc@*.service; do
+    [ -e "$f" ] || [ -L "$f" ] || continue
+    f=${f##*/iot-plc@}; echo "${f%.service}"
+  done
+}
+
+systemd_plcs() {  # iot-plc@NAME enabled for each configured PLC, and only for those
+  step "PLC units (one iot-plc@NAME per [[plc.device]] in $ETC/iot.toml)"
+  local sc=(systemctl); [ -n "$ROOT" ] && sc+=(--root="$ROOT")
+  local want have n changed=0
+  want=$(configured_plcs) || exit 1
+  have=$(enabled_plcs)
+  for n in $have; do
+    if ! grep -qxF "$n" <<<"$want"; then
+      if live_systemd; then systemctl disable --now --quiet "iot-plc@$n.service"
+      else "${sc[@]}" disable --quiet "iot-plc@$n.service"; fi
+      say "disabled iot-plc@$n (no longer in the config)"; changed=1
+    fi
+  done
+  for n in $want; do
+    if ! grep -qxF "$n" <<<"$have"; then
+      "${sc[@]}" enable --quiet "iot-plc@$n.service"; say "enabled iot-plc@$n"; changed=1
+      # A PLC added to a running set starts now; a fresh install starts it with iot.target.
+      if live_systemd && systemctl is-active --quiet iot.target; then systemctl start "iot-plc@$n.service"; fi
+    fi
+  done
+  if [ $changed -eq 1 ]; then CHANGED=1; else say "unchanged: ${want//$'\n'/ }"; fi
+}
+
+supervisor_plcs() {  # /etc/iot/supervisor.d/iot-plc-NAME.conf for each configured PLC, and only those
+  step "PLC programs in $ETC/supervisor.d"
+  local want n f changed=0
+  want=$(configured_plcs) || exit 1
+  install -d -m 0755 "$ETC/supervisor.d"
+  for f in "$ETC"/supervisor.d/iot-plc-*.conf; do
+    [ -e "$f" ] || continue
+    n=${f##*/iot-plc-}; n=${n%.conf}
+    grep -qxF "$n" <<<"$want" || { rm -f "$f"; say "removed iot-plc-$n (no longer in the config)"; changed=1; }
+  done
+  for n in $want; do
+    f="$ETC/supervisor.d/iot-plc-$n.conf"
+    sed -n '/^\[program:iot-dbsub\]/,/^$/p' "$HERE/deploy/supervisor/iot.conf" | sed \
+      -e "s|^\[program:iot-dbsub\]|[program:iot-plc-$n]|" \
+      -e "s|^command=.*|command=/opt/iot/bin/iot-plc --config /etc/iot/iot.toml --plc $n|" \
+      -e "s|^priority=.*|priority=30|" -e "s|iot-dbsub.log|iot-plc-$n.log|" > "$f.new"
+    if cmp -s "$f.new" "$f"; then rm -f "$f.new"
+    else mv "$f.new" "$f"; say "wrote iot-plc-$n"; changed=1; fi
+  done
+  if [ $changed -eq 1 ]; then CHANGED=1; else say "unchanged: ${want//$'\n'/ }"; fi
+}
+
 uninstall() {
   if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then die "uninstall needs root"; fi
   step "stop and remove units"
-  if live_systemd; then systemctl disable --now --quiet "${UNITS[@]}" 2>/dev/null || true
-  elif [ -d "$UNITDIR" ]; then systemctl --root="${ROOT:-/}" disable --quiet "${UNITS[@]}" 2>/dev/null || true; fi
-  for u in "${UNITS[@]}"; do [ -e "$UNITDIR/$u" ] && { rm -f "$UNITDIR/$u"; say "removed $u"; }; done
+  local plcs=() n
+  for n in $(enabled_plcs); do plcs+=("iot-plc@$n.service"); done
+  if live_systemd; then systemctl disable --now --quiet "${UNITS[@]}" "${plcs[@]}" 2>/dev/null || true
+  elif [ -d "$UNITDIR" ]; then systemctl --root="${ROOT:-/}" disable --quiet "${UNITS[@]}" "${plcs[@]}" 2>/dev/null || true; fi
+  for u in "${UNITS[@]}" "${TEMPLATES[@]}"; do [ -e "$UNITDIR/$u" ] && { rm -f "$UNITDIR/$u"; say "removed $u"; }; done
   live_systemd && systemctl daemon-reload
   step "remove $OPT"
   rm -rf "$OPT" "$OPT.new" "$OPT.old"; say "removed"

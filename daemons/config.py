@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,7 @@ class ListenerConfig:
     """One `[[broker.listener]]` table: a listener beside the default one ([broker] host/port).
     Keys named and meant as Mosquitto's `listener` options."""
 
-    port: int = field(metadata=_range(1, 65535))  # required
+    port: int = field(metadata={**_range(1, 65535), "required": "each listener needs a port, 1-65535"})
     # "" = [broker] host.
     bind_address: str = ""
     protocol: str = field(default="mqtt", metadata=_choices("mqtt", "websockets"))
@@ -278,6 +279,75 @@ class IngestConfig:
     mysql_timeout: float = field(default=10.0, metadata=_range(1, 3600))
 
 
+@dataclass(frozen=True, slots=True)
+class RegisterConfig:
+    """One `[[plc.device.register]]` table: where a value sits in a Modbus PLC and how to read it."""
+
+    name: str = field(metadata={"required": "each register needs the name of its field in the reading"})
+    address: int = field(metadata={**_range(0, 65535), "required": "each register needs its address, 0-65535"})
+    kind: str = field(default="holding", metadata=_choices("holding", "input"))
+    type: str = field(default="uint16", metadata=_choices("int16", "uint16", "int32", "uint32", "float32"))
+    # 32-bit values span two registers: "big" = high word first (the Modbus convention).
+    word_order: str = field(default="big", metadata=_choices("big", "little"))
+    # value = raw * scale (a PLC often keeps 23.7 C as 237 with scale 0.1).
+    scale: float = 1.0
+    unit: str = ""
+
+    @property
+    def words(self) -> int:
+        return 1 if self.type.endswith("16") else 2
+
+
+@dataclass(frozen=True, slots=True)
+class PlcDeviceConfig:
+    """One `[[plc.device]]` table: a PLC whose readings `iot-plc --plc NAME` publishes."""
+
+    # Names the unit iot-plc@NAME, the client id "<prefix>-plc-NAME" and the queue file.
+    name: str = field(metadata={"required": "each PLC needs a name (iot-plc --plc NAME)"})
+    device_id: str = ""  # "" = name
+    source: str = field(default="simulated", metadata=_choices("simulated", "modbus"))
+    topic: str = "sensor/data"
+    interval: float = field(default=3.0, metadata=_range(0.01, 86400))
+    # Modbus TCP (source = "modbus").
+    host: str = ""
+    port: int = field(default=502, metadata=_range(1, 65535))
+    unit_id: int = field(default=1, metadata=_range(0, 255))
+    timeout: float = field(default=1.0, metadata=_range(0.05, 60))
+    register: tuple[RegisterConfig, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return self.device_id or self.name
+
+
+@dataclass(frozen=True, slots=True)
+class PlcConfig:
+    """iot-plc: readings from PLCs at QoS 1, kept on disk until the broker acknowledges them."""
+
+    device: tuple[PlcDeviceConfig, ...] = (PlcDeviceConfig(name="line1"),)
+    # Readings kept on disk per PLC while unacknowledged; past it the oldest go (counted, logged).
+    queue_size: int = field(default=100_000, metadata=_range(1, 100_000_000))
+    # Readings published and awaiting PUBACK at once.
+    window: int = field(default=100, metadata=_range(1, 65535))
+    # A PLC that does not answer is tried again after a delay doubling between these (seconds).
+    retry_min: float = field(default=1.0, metadata=_range(0.01, 3600))
+    retry_max: float = field(default=60.0, metadata=_range(0.01, 86400))
+
+
+@dataclass(frozen=True, slots=True)
+class DbsubConfig:
+    """iot-dbsub: readings into SQLite, acknowledged after commit; `iotctl readings`."""
+
+    topics: tuple[str, ...] = ("sensor/data",)
+    # "" = <state_dir>/db/sensors.db
+    sqlite_path: Path | None = None
+    max_payload: int = field(default=65536, metadata=_range(256, 268_435_455))
+    # Readings committed in one transaction at most.
+    batch_size: int = field(default=500, metadata=_range(1, 100_000))
+    retry_min: float = field(default=0.5, metadata=_range(0.01, 600))
+    retry_max: float = field(default=30.0, metadata=_range(0.01, 3600))
+
+
 SECTIONS: dict[str, type] = {
     "paths": PathsConfig,
     "log": LogConfig,
@@ -285,6 +355,8 @@ SECTIONS: dict[str, type] = {
     "broker": BrokerConfig,
     "transfer": TransferConfig,
     "ingest": IngestConfig,
+    "plc": PlcConfig,
+    "dbsub": DbsubConfig,
 }
 
 
@@ -297,6 +369,8 @@ class Config:
     broker: BrokerConfig = BrokerConfig()
     transfer: TransferConfig = TransferConfig()
     ingest: IngestConfig = IngestConfig()
+    plc: PlcConfig = PlcConfig()
+    dbsub: DbsubConfig = DbsubConfig()
 
 
 def find(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -341,14 +415,29 @@ def parse(raw: dict[str, Any], path: Path | None) -> Config:
 
 
 def _section(cls: type, name: str, table: dict[str, Any], path: Path | None, base: Path) -> Any:
+    return _table(cls, f"[{name}]", table, path, base)
+
+
+def _table(cls: type, label: str, table: dict[str, Any], path: Path | None, base: Path) -> Any:
+    """One table into `cls`: every key converted and checked, required keys present."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in table.items():
         f = fields.get(key)
         if f is None:
-            raise ConfigError(path, f"[{name}] {key}", f"unknown key (expected one of {', '.join(fields)})")
-        values[key] = _convert(f, value, f"[{name}] {key}", path, base)
+            raise ConfigError(path, f"{label} {key}", f"unknown key (expected one of {', '.join(fields)})")
+        values[key] = _convert(f, value, f"{label} {key}", path, base)
+    for f in fields.values():
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(path, f"{label} {f.name}", f"missing: {f.metadata.get('required', 'required')}")
     return cls(**values)
+
+
+def _tables(cls: type, label: str, value: Any, path: Path | None, base: Path) -> list[Any]:
+    """An array of tables (`[[label]]`), each labelled "#1", "#2"... in errors."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(path, label, f"expected {label} tables, got {value!r}")
+    return [_table(cls, f"{label} #{i}", t, path, base) for i, t in enumerate(value, 1)]
 
 
 def _convert(f: dataclasses.Field, value: Any, key: str, path: Path | None, base: Path) -> Any:
@@ -399,6 +488,10 @@ def _convert(f: dataclasses.Field, value: Any, key: str, path: Path | None, base
         return dict(value)
     if kind == "tuple[ListenerConfig, ...]":
         return _listeners(value, path, base)
+    if kind == "tuple[PlcDeviceConfig, ...]":
+        return _plc_devices(value, path, base)
+    if kind == "tuple[RegisterConfig, ...]":
+        return _registers(value, key, path, base)
     if kind == "tuple[str, ...]":
         choices = f.metadata.get("choices")
         if not isinstance(value, list) or not all(isinstance(v, str) and (not choices or v in choices) for v in value):
@@ -416,21 +509,9 @@ def _listeners(value: Any, path: Path | None, base: Path) -> tuple[ListenerConfi
     checked together and the files named are checked to exist, so that a mistake ends the
     start with a line naming the table ("[[broker.listener]] #2 certfile"), not the first
     TLS handshake."""
-    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise ConfigError(path, "[[broker.listener]]", f"expected [[broker.listener]] tables, got {value!r}")
-    fields = {f.name: f for f in dataclasses.fields(ListenerConfig)}
     out = []
-    for i, table in enumerate(value, 1):
+    for i, lc in enumerate(_tables(ListenerConfig, "[[broker.listener]]", value, path, base), 1):
         label = f"[[broker.listener]] #{i}"
-        values = {}
-        for key, v in table.items():
-            f = fields.get(key)
-            if f is None:
-                raise ConfigError(path, f"{label} {key}", f"unknown key (expected one of {', '.join(fields)})")
-            values[key] = _convert(f, v, f"{label} {key}", path, base)
-        if "port" not in values:
-            raise ConfigError(path, f"{label} port", "missing: each listener needs a port, 1-65535")
-        lc = ListenerConfig(**values)
         if (lc.certfile is None) != (lc.keyfile is None):
             have, need = ("certfile", "keyfile") if lc.keyfile is None else ("keyfile", "certfile")
             raise ConfigError(path, f"{label} {need}", f"missing: {have} is set, TLS needs both certfile and keyfile")
@@ -449,6 +530,66 @@ def _listeners(value: Any, path: Path | None, base: Path) -> tuple[ListenerConfi
                 raise ConfigError(path, f"{label} {key}", f"no such file: {p}")
         out.append(lc)
     return tuple(out)
+
+
+# What every reading carries besides its values (plc/reading.py): no register may take these names.
+READING_FIELDS = ("ts", "device_id", "seq", "units")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _plc_devices(value: Any, path: Path | None, base: Path) -> tuple[PlcDeviceConfig, ...]:
+    """`[[plc.device]]` tables, checked together: names and device ids unique (a device id
+    names a (device_id, seq) series in the database), a Modbus PLC has a host and registers."""
+    from .broker.topics import InvalidTopic, validate_topic_name  # noqa: PLC0415 - pure, and only needed here
+
+    devices = _tables(PlcDeviceConfig, "[[plc.device]]", value, path, base)
+    names: set[str] = set()
+    ids: set[str] = set()
+    for i, d in enumerate(devices, 1):
+        label = f"[[plc.device]] #{i}"
+        for key, v in (("name", d.name), ("device_id", d.id)):
+            if not _NAME.fullmatch(v):
+                raise ConfigError(path, f"{label} {key}", "expected 1-64 letters, digits, '_', '-' or '.', "
+                                                          f"starting with a letter or digit, got {v!r}")
+        if d.name in names:
+            raise ConfigError(path, f"{label} name", f"{d.name!r} is the name of an earlier [[plc.device]]")
+        if d.id in ids:
+            raise ConfigError(path, f"{label} device_id", f"{d.id!r} is the device id of an earlier [[plc.device]]: "
+                                                          "readings are unique by (device_id, seq)")
+        names.add(d.name)
+        ids.add(d.id)
+        try:
+            validate_topic_name(d.topic)
+        except InvalidTopic as e:
+            raise ConfigError(path, f"{label} topic", str(e)) from None
+        if d.source == "modbus":
+            if not d.host:
+                raise ConfigError(path, f"{label} host", "missing: a Modbus PLC needs the host it listens on")
+            if not d.register:
+                raise ConfigError(path, f"{label} register", "missing: a Modbus PLC needs [[plc.device.register]] "
+                                                             "tables saying what to read")
+        elif d.register or d.host:
+            key = "register" if d.register else "host"
+            raise ConfigError(path, f"{label} {key}", 'is a Modbus setting: set source = "modbus" too')
+    return tuple(devices)
+
+
+def _registers(value: Any, key: str, path: Path | None, base: Path) -> tuple[RegisterConfig, ...]:
+    regs = _tables(RegisterConfig, key, value, path, base)
+    seen: set[str] = set()
+    for i, r in enumerate(regs, 1):
+        label = f"{key} #{i}"
+        if not _NAME.fullmatch(r.name) or r.name in READING_FIELDS:
+            raise ConfigError(path, f"{label} name", f"expected a field name of 1-64 letters, digits, '_', '-' "
+                                                     f"or '.', not one of {', '.join(READING_FIELDS)}, got {r.name!r}")
+        if r.name in seen:
+            raise ConfigError(path, f"{label} name", f"{r.name!r} is the name of an earlier register")
+        seen.add(r.name)
+        if r.address + r.words > 65536:
+            raise ConfigError(path, f"{label} address", f"a {r.type} at {r.address} runs past register 65535")
+        if r.scale == 0 or r.scale != r.scale or abs(r.scale) == float("inf"):
+            raise ConfigError(path, f"{label} scale", f"expected a finite number other than 0, got {r.scale!r}")
+    return tuple(regs)
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:

@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     passwd_commands(sub)
     from .broker.convert import add_commands as convert_commands  # noqa: PLC0415 - `broker-config`
     convert_commands(sub)
+    from .plc.cli import add_commands as plc_commands  # noqa: PLC0415 - `readings`
+    plc_commands(sub)
     return parser
 
 

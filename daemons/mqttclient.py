@@ -154,6 +154,7 @@ class MqttClient:
         on_message: Callable[[paho.MQTTMessage], None] | None = None,
         on_connect: Callable[[bool], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
+        on_publish: Callable[[int], None] | None = None,
         retry: bool = True,
         host: str | None = None,
         port: int | None = None,
@@ -203,6 +204,9 @@ class MqttClient:
         c.on_connect_fail = self._handle_connect_fail
         c.on_message = self._handle_message
         c.on_subscribe = self._handle_subscribe
+        if on_publish is not None:
+            # paho's thread, at PUBACK (QoS 1) or PUBCOMP (QoS 2) of the message with this mid.
+            c.on_publish = lambda client, userdata, mid, reason_code, properties: on_publish(mid)
         self.paho = c
         # Buffered reads and batched PUBACKs for a high-rate receiver (see mqtttune); False when
         # this paho release differs from the tested one, and the client stays stock.

@@ -23,18 +23,28 @@ from . import config as configmod
 
 @dataclass(frozen=True, slots=True)
 class Program:
-    name: str
+    name: str  # supervisord's program name
     priority: int  # supervisord starts lower numbers first: the broker before its clients
     args: tuple[str, ...] = ()
+    exe: str = ""  # "" = name
+    unit: str = ""  # the systemd unit, without ".service"; "" = name
 
 
-# Every daemon that exists. A daemon joins this list in the change that builds it.
+# Every daemon that runs once per node. A daemon joins this list in the change that builds it.
 PROGRAMS: tuple[Program, ...] = (
     Program("iot-broker", 10),
     Program("iot-ingest", 20),
     Program("iot-transfer-recv", 20),
     Program("iot-transfer-send", 20),
+    Program("iot-dbsub", 20),
 )
+
+
+def programs(cfg: configmod.Config) -> tuple[Program, ...]:
+    """PROGRAMS and one iot-plc per [[plc.device]] (after iot-dbsub, so that on a first start its
+    subscription is there before the first reading)."""
+    return PROGRAMS + tuple(Program(f"iot-plc-{d.name}", 30, ("--plc", d.name), exe="iot-plc",
+                                    unit=f"iot-plc@{d.name}") for d in cfg.plc.device)
 
 START_TIMEOUT = 30.0
 
@@ -64,7 +74,7 @@ def render(cfg: configmod.Config, programs: tuple[Program, ...]) -> str:
     for p in programs:
         lines += [
             f"[program:{p.name}]",
-            f"command={_bin(p.name)}{conf_arg}{''.join(' ' + a for a in p.args)}",
+            f"command={_bin(p.exe or p.name)}{conf_arg}{''.join(' ' + a for a in p.args)}",
             f"priority={p.priority}",
             "autostart=true", "autorestart=true", "startsecs=1", "startretries=10",
             "stopsignal=TERM", "stopwaitsecs=15", "stopasgroup=true", "killasgroup=true",
@@ -88,22 +98,22 @@ def _states(cfg: configmod.Config) -> dict[str, str]:
 
 def cmd_up(args: argparse.Namespace, log) -> int:
     cfg = configmod.load(args.config)
-    if not PROGRAMS:
-        print("iotctl up: no daemon is built yet; nothing to run", file=sys.stderr)
-        return 69
+    progs = programs(cfg)
     run, logs = _rundir(cfg), cfg.paths.state_dir / "log"
     run.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
     conf = run / "supervisord.conf"
-    conf.write_text(render(cfg, PROGRAMS))
+    conf.write_text(render(cfg, progs))
     # supervisord gets Ctrl-C from the terminal too; we only wait for it to finish the stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     proc = subprocess.Popen([_bin("supervisord"), "-c", str(conf)], start_new_session=False)
     signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
     ok = _wait_running(cfg, proc, log)
     if ok:
-        print(f"iot-daemons running under supervisord ({len(PROGRAMS)} programs); logs in {logs}")
+        print(f"iot-daemons running under supervisord ({len(progs)} programs); logs in {logs}")
         print(f"  broker: mqtt://{_display_host(cfg.broker.host)}:{cfg.broker.port}")
+        conf_arg = f" --config {cfg.source}" if cfg.source else ""
+        print(f"  PLC readings as they are stored: iotctl readings --follow{conf_arg}")
         print("  stop: Ctrl-C    state: iotctl status", flush=True)
     else:
         proc.send_signal(signal.SIGTERM)
@@ -134,8 +144,8 @@ def _wait_running(cfg: configmod.Config, proc: subprocess.Popen, log) -> bool:
     return False
 
 
-def _systemd_states() -> list[tuple[str, str, str]]:
-    names = [p.name + ".service" for p in PROGRAMS]
+def _systemd_states(cfg: configmod.Config) -> list[tuple[str, str, str]]:
+    names = [(p.unit or p.name) + ".service" for p in programs(cfg)]
     r = subprocess.run(["systemctl", "show", "-p", "Id,ActiveState,SubState,StatusText", *names],
                        capture_output=True, text=True, timeout=30)
     rows = []
@@ -159,7 +169,7 @@ def cmd_status(args: argparse.Namespace, log) -> int:
             print("iotctl status: neither supervisord (no socket at "
                   f"{_rundir(cfg) / 'supervisor.sock'}) nor systemd is running", file=sys.stderr)
             return 3
-        rows = _systemd_states()
+        rows = _systemd_states(cfg)
         ok = bool(rows) and all(state == "active/running" for _, state, _ in rows)
     width = max((len(name) for name, _, _ in rows), default=4)
     for name, state, detail in rows:

@@ -54,7 +54,12 @@ def test_iotctl_up_runs_the_set_keeps_flows_through_kill_9_and_stops_on_ctrl_c(t
         assert f"broker: mqtt://127.0.0.1:{port}" in out.read_text()
         st = ctl("status", "--config", str(cfg))
         assert st.returncode == 0, st.stdout + st.stderr
-        assert st.stdout.count("RUNNING") == len(supervise.PROGRAMS)
+        assert st.stdout.count("RUNNING") == len(supervise.programs(config.load(cfg))) == len(supervise.PROGRAMS) + 1
+
+        # the simulated PLC's readings reach iot-dbsub's database, seq after seq
+        wait_for(lambda: rows(var / "db/sensors.db") >= 2, 30, interval=0.2, what="2 PLC readings stored")
+        r = ctl("readings", "--config", str(cfg), "--last", "2")
+        assert r.returncode == 0 and r.stdout.count("  line1  seq=") == 2, r.stdout + r.stderr
 
         # a file dropped in the outbox arrives in var/transfer
         blob = os.urandom(700_000)

@@ -44,7 +44,7 @@ from tests.support import ROOT, wait_for
 CACHE = Path("/var/cache/iot-test")
 ROOTFS = CACHE / "bookworm"
 PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-venv,procps"
-UNITS = ("iot-broker", "iot-transfer-recv", "iot-transfer-send", "iot-ingest")
+UNITS = ("iot-broker", "iot-transfer-recv", "iot-transfer-send", "iot-ingest", "iot-dbsub", "iot-plc@line1")
 BOOT_TIMEOUT = 120.0
 CONSOLE_TAIL = 8000
 
@@ -377,6 +377,15 @@ def test_install_start_and_operate_as_the_readme_says(container):
 
     # journalctl -u iot-ingest shows the worker's lines
     assert "ready" in c.sh("journalctl -u iot-ingest --no-pager -o cat").stdout
+
+    # the PLC walkthrough: the QoS 1 handshake in the PLC's and the subscriber's journals, and
+    # the readings in the database
+    wait_for(lambda: "PUBACK received: the broker has the reading" in
+             c.sh("journalctl -u iot-plc@line1 --no-pager -o cat").stdout, 60, interval=0.5, what="a PUBACK")
+    wait_for(lambda: "reading stored; PUBACK sent after commit device=line1" in
+             c.sh("journalctl -u iot-dbsub --no-pager -o cat").stdout, 60, interval=0.5, what="a stored reading")
+    r = c.sh("/opt/iot/bin/iotctl readings --last 1")
+    assert "  line1  seq=" in r.stdout and " C  pressure=" in r.stdout, r.stdout
 
     # a file dropped into the outbox arrives in the spool, byte for byte
     c.sh("head -c 3000000 /dev/urandom > /root/f.bin && cp /root/f.bin /var/lib/iot/outbox/.f.tmp "

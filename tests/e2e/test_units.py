@@ -16,7 +16,10 @@ import pytest
 from tests.e2e.test_systemd import ROOTFS, build_rootfs
 from tests.support import ROOT
 
-SERVICES = sorted(p.name for p in (ROOT / "deploy/systemd").glob("*.service"))
+SERVICES = sorted(p.name for p in (ROOT / "deploy/systemd").glob("*.service") if "@" not in p.name)
+TEMPLATES = sorted(p.name for p in (ROOT / "deploy/systemd").glob("*@.service"))
+# What systemd-analyze checks of a template: the instance the default config enables.
+INSTANCES = [t.replace("@", "@line1") for t in TEMPLATES]
 pytestmark = [pytest.mark.systemd]
 
 
@@ -39,21 +42,22 @@ def staging(tmp_path_factory):
 
 
 def test_every_daemon_has_a_unit_and_the_target_wants_it(staging: Path):
-    from daemons import supervise
-    assert {p.name + ".service" for p in supervise.PROGRAMS} == set(SERVICES)
+    from daemons import config, supervise
+    units = {(p.unit or p.name) + ".service" for p in supervise.programs(config.Config())}
+    assert units == set(SERVICES) | set(INSTANCES)
     wants = {p.name for p in (staging / "etc/systemd/system/iot.target.wants").iterdir()}
-    assert wants == set(SERVICES)
+    assert wants == set(SERVICES) | set(INSTANCES)  # one iot-plc@NAME per [[plc.device]]: line1 by default
     assert (staging / "etc/systemd/system/multi-user.target.wants/iot.target").is_symlink()
 
 
-@pytest.mark.parametrize("unit", [*SERVICES, "iot.target"])
+@pytest.mark.parametrize("unit", [*SERVICES, *INSTANCES, "iot.target"])
 def test_systemd_analyze_verify_prints_nothing(staging: Path, unit: str):
     r = subprocess.run(["systemd-analyze", "verify", f"--root={staging}", unit], capture_output=True, text=True,
                        timeout=60)
     assert r.stdout + r.stderr == ""
 
 
-@pytest.mark.parametrize("unit", SERVICES)
+@pytest.mark.parametrize("unit", [*SERVICES, *INSTANCES])
 def test_systemd_analyze_security_scores_ok(staging: Path, unit: str):
     r = subprocess.run(["systemd-analyze", "security", "--offline=true", f"--root={staging}", unit],
                        capture_output=True, text=True, timeout=60)
@@ -68,6 +72,7 @@ def test_supervisor_set_matches_the_daemons():
     text = (ROOT / "deploy/supervisor/iot.conf").read_text()
     programs = dict(re.findall(r"\[program:([\w-]+)\][^\[]*?priority=(\d+)", text))
     assert programs == {p.name: str(p.priority) for p in supervise.PROGRAMS}
+    assert "[include]\nfiles = /etc/iot/supervisor.d/*.conf" in text  # install.sh writes one iot-plc-NAME per PLC
     assert programs["iot-broker"] < min(v for k, v in programs.items() if k != "iot-broker")
     for block in text.split("[program:")[1:]:
         assert "stopsignal=TERM" in block and "stopwaitsecs=15" in block and "stopasgroup=true" in block

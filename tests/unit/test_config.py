@@ -34,29 +34,45 @@ def test_shipped_file_documents_every_key_with_its_default():
     for line in SHIPPED.read_text().splitlines():
         if m := re.match(r"^\[(\w+)\]", line):
             section = m.group(1)
-        elif m := re.match(r"^# \[\[(\w+)\.(\w+)\]\]$", line):
+        elif m := re.match(r"^# \[\[(\w+)\.([\w.]+)\]\]$", line):
             # An array of tables, documented by a commented example: its keys follow.
-            seen[(m.group(1), m.group(2))] = "[]"
+            outer, _, key = f"{m.group(1)}.{m.group(2)}".rpartition(".")
+            seen[(outer, key)] = "[]"
             section = f"{m.group(1)}.{m.group(2)}"
         elif m := re.match(r"^#? ?(\w+) = (.+)$", line):
             seen[(section, m.group(1))] = m.group(2)
+    tables = {"tuple[ListenerConfig, ...]", "tuple[PlcDeviceConfig, ...]", "tuple[RegisterConfig, ...]"}
     for name, cls in config.SECTIONS.items():
         for f in dataclasses.fields(cls):
             assert (name, f.name) in seen, f"[{name}] {f.name} is not documented in {SHIPPED}"
-            if name == "paths":
-                continue  # the checkout's file deliberately overrides state_dir
+            if name == "paths" or str(f.type) in tables:
+                continue  # the checkout's file deliberately overrides state_dir; tables: below
             value = tomllib.loads(f"k = {seen[(name, f.name)]}")["k"]
             documented = getattr(config.parse({name: {f.name: value}}, SHIPPED), name)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             assert getattr(documented, f.name) == default, f"[{name}] {f.name} documents a wrong default"
-    for f in dataclasses.fields(config.ListenerConfig):
-        assert ("broker.listener", f.name) in seen, f"[[broker.listener]] {f.name} is not documented in {SHIPPED}"
-        if f.default in (dataclasses.MISSING, None):
-            continue  # port is required; an unset allow_anonymous has no TOML spelling
-        value = tomllib.loads(f"k = {seen[('broker.listener', f.name)]}")["k"]
-        documented = config.parse({"broker": {"listener": [{"port": 8883, f.name: value}]}}, SHIPPED)
-        assert getattr(documented.broker.listener[0], f.name) == f.default, \
-            f"[[broker.listener]] {f.name} documents a wrong default"
+    minimal = {"broker.listener": {"port": 8883}, "plc.device": {"name": "line1"},
+               "plc.device.register": {"name": "t", "address": 0}}
+
+    def parse_table(label: str, table: dict):
+        if label == "broker.listener":
+            return config.parse({"broker": {"listener": [table]}}, SHIPPED).broker.listener[0]
+        if label == "plc.device":
+            return config.parse({"plc": {"device": [table]}}, SHIPPED).plc.device[0]
+        dev = {"name": "p", "source": "modbus", "host": "h", "register": [table]}
+        return config.parse({"plc": {"device": [dev]}}, SHIPPED).plc.device[0].register[0]
+
+    for label, cls in (("broker.listener", config.ListenerConfig), ("plc.device", config.PlcDeviceConfig),
+                       ("plc.device.register", config.RegisterConfig)):
+        for f in dataclasses.fields(cls):
+            assert (label, f.name) in seen, f"[[{label}]] {f.name} is not documented in {SHIPPED}"
+            if f.default in (dataclasses.MISSING, None) or str(f.type) in tables:
+                continue  # required keys; an unset allow_anonymous has no TOML spelling; nested tables
+            value = tomllib.loads(f"k = {seen[(label, f.name)]}")["k"]
+            documented = parse_table(label, {**minimal[label], f.name: value})
+            assert getattr(documented, f.name) == f.default, f"[[{label}]] {f.name} documents a wrong default"
+    assert config.PlcConfig().device == (config.PlcDeviceConfig(name=tomllib.loads(
+        f"k = {seen[('plc.device', 'name')]}")["k"]),), "the default PLC is not the one the file names"
 
 
 def test_defaults_apply_when_no_file_is_found(monkeypatch, tmp_path):
