@@ -40,11 +40,20 @@ PROGRAMS: tuple[Program, ...] = (
 )
 
 
-def programs(cfg: configmod.Config) -> tuple[Program, ...]:
-    """PROGRAMS and one iot-plc per [[plc.device]] (after iot-dbsub, so that on a first start its
-    subscription is there before the first reading)."""
-    return PROGRAMS + tuple(Program(f"iot-plc-{d.name}", 30, ("--plc", d.name), exe="iot-plc",
-                                    unit=f"iot-plc@{d.name}") for d in cfg.plc.device)
+def programs(cfg: configmod.Config, factory: bool = True) -> tuple[Program, ...]:
+    """PROGRAMS, one iot-plc per [[plc.device]] (after iot-dbsub, so that on a first start its
+    subscription is there before the first reading) and, with `factory`, the factory: its devices
+    (one process for all, or one per device: [factory] processes), controller, observer, dashboard."""
+    plcs = tuple(Program(f"iot-plc-{d.name}", 30, ("--plc", d.name), exe="iot-plc", unit=f"iot-plc@{d.name}")
+                 for d in cfg.plc.device)
+    if not factory:
+        return PROGRAMS + plcs
+    fc = cfg.factory
+    names = ["all"] if fc.processes == "one" else [d.name for d in fc.device]
+    devices = tuple(Program(f"iot-device-{n}", 30, ("--device", n), exe="iot-device", unit=f"iot-device@{n}")
+                    for n in names)
+    return PROGRAMS + plcs + devices + (Program("iot-controller", 30), Program("iot-observer", 30),
+                                        Program("iot-dashboard", 30))
 
 START_TIMEOUT = 30.0
 
@@ -98,7 +107,7 @@ def _states(cfg: configmod.Config) -> dict[str, str]:
 
 def cmd_up(args: argparse.Namespace, log) -> int:
     cfg = configmod.load(args.config)
-    progs = programs(cfg)
+    progs = programs(cfg, factory=not args.no_factory)
     run, logs = _rundir(cfg), cfg.paths.state_dir / "log"
     run.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
@@ -114,6 +123,8 @@ def cmd_up(args: argparse.Namespace, log) -> int:
         print(f"  broker: mqtt://{_display_host(cfg.broker.host)}:{cfg.broker.port}")
         conf_arg = f" --config {cfg.source}" if cfg.source else ""
         print(f"  PLC readings as they are stored: iotctl readings --follow{conf_arg}")
+        if not args.no_factory:
+            print(f"  factory dashboard: http://{_display_host(cfg.factory.dashboard_host)}:{cfg.factory.dashboard_port}/")
         print("  stop: Ctrl-C    state: iotctl status", flush=True)
     else:
         proc.send_signal(signal.SIGTERM)
@@ -179,8 +190,11 @@ def cmd_status(args: argparse.Namespace, log) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("up", help="run the whole daemon set in the foreground under supervisord",
-                       description="Run every daemon under supervisord with this checkout's etc/ and var/.")
+                       description="Run every daemon under supervisord with this checkout's etc/ and var/, the "
+                                   "simulated factory and its dashboard included.")
     p.add_argument("--config", metavar="FILE")
+    p.add_argument("--no-factory", action="store_true",
+                   help="leave out the simulated factory (iot-device, iot-controller, iot-observer, iot-dashboard)")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("status", help="show each daemon's state",
                        description="Show every daemon's state (exit 0 if all run, 3 otherwise, like systemctl).")
