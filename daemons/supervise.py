@@ -157,11 +157,14 @@ def _wait_running(cfg: configmod.Config, proc: subprocess.Popen, log) -> bool:
 
 def _systemd_states(cfg: configmod.Config) -> list[tuple[str, str, str]]:
     names = [(p.unit or p.name) + ".service" for p in programs(cfg)]
-    r = subprocess.run(["systemctl", "show", "-p", "Id,ActiveState,SubState,StatusText", *names],
+    r = subprocess.run(["systemctl", "show", "-p", "Id,ActiveState,SubState,StatusText,UnitFileState", *names],
                        capture_output=True, text=True, timeout=30)
     rows = []
     for block in r.stdout.strip().split("\n\n"):
         f = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        # Units this node does not run (the factory without install.sh --factory) are not listed.
+        if f.get("UnitFileState") not in ("enabled", "enabled-runtime") and f.get("ActiveState") == "inactive":
+            continue
         if f.get("Id"):
             rows.append((f["Id"].removesuffix(".service"), f"{f['ActiveState']}/{f['SubState']}",
                          f.get("StatusText", "")))

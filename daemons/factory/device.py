@@ -25,6 +25,7 @@ os._exit: no DISCONNECT, so the broker publishes every device's will.
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import sys
@@ -32,6 +33,7 @@ import threading
 import time
 from collections import deque
 
+from .. import config as configmod
 from .. import service
 from ..config import FactoryDeviceConfig, MqttConfig, SensorConfig
 from ..mqttclient import MqttClient, Will
@@ -247,9 +249,23 @@ def add_arguments(p) -> None:
     p.add_argument("--crash-after", type=_seconds, metavar="SECONDS",
                    help="exit abruptly after this many seconds, without DISCONNECT (the broker sends the wills)")
     p.add_argument("--seed", type=int, help="random seed, for a repeatable simulation")
+    p.add_argument("--list", action="store_true",
+                   help="print the iot-device@NAME instances [factory] processes asks for ('all', or each device)")
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--list" in argv:  # for install.sh and people: the instances iot-device@NAME [factory] processes asks for
+        p = argparse.ArgumentParser(prog="iot-device", add_help=False)
+        p.add_argument("-c", "--config")
+        known, _ = p.parse_known_args(argv)
+        try:
+            fc = configmod.load(known.config).factory
+        except configmod.ConfigError as e:
+            print(f"iot-device: config error: {e}", file=sys.stderr)
+            return service.EX_CONFIG
+        print("all" if fc.processes == "one" else "\n".join(d.name for d in fc.device))
+        return service.EX_OK
     return service.run(
         "iot-device",
         "Simulated factory devices (seed 003): telemetry at QoS 0, alarms at QoS 1, retained state and online "
