@@ -171,20 +171,27 @@ def _systemd_states(cfg: configmod.Config) -> list[tuple[str, str, str]]:
     return rows
 
 
+RUNNING = ("RUNNING", "active/running")  # a running daemon's state, to supervisord and to systemd
+
+
+def status_rows(cfg: configmod.Config) -> list[tuple[str, str, str]] | None:
+    """(name, state, detail) of every daemon: from this config's supervisord if it runs, else
+    from systemd; None if neither runs. `iotctl status` and the dashboard's Node view."""
+    try:
+        return [(p["name"], p["statename"], p["description"]) for p in rpc(cfg).supervisor.getAllProcessInfo()]
+    except OSError:
+        return _systemd_states(cfg) if Path("/run/systemd/system").is_dir() else None
+
+
 def cmd_status(args: argparse.Namespace, log) -> int:
     """Every daemon's state: from this config's supervisord if it runs, else from systemd."""
     cfg = configmod.load(args.config)
-    try:
-        infos = rpc(cfg).supervisor.getAllProcessInfo()
-        rows = [(p["name"], p["statename"], p["description"]) for p in infos]
-        ok = all(p["statename"] == "RUNNING" for p in infos)
-    except OSError:
-        if not Path("/run/systemd/system").is_dir():
-            print("iotctl status: neither supervisord (no socket at "
-                  f"{_rundir(cfg) / 'supervisor.sock'}) nor systemd is running", file=sys.stderr)
-            return 3
-        rows = _systemd_states(cfg)
-        ok = bool(rows) and all(state == "active/running" for _, state, _ in rows)
+    rows = status_rows(cfg)
+    if rows is None:
+        print("iotctl status: neither supervisord (no socket at "
+              f"{_rundir(cfg) / 'supervisor.sock'}) nor systemd is running", file=sys.stderr)
+        return 3
+    ok = bool(rows) and all(state in RUNNING for _, state, _ in rows)
     width = max((len(name) for name, _, _ in rows), default=4)
     for name, state, detail in rows:
         print(f"{name:<{width}}  {state:<14} {detail}")
