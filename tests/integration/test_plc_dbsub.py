@@ -7,7 +7,6 @@ so a reading delivered twice cannot make two rows), and none above what the PLC 
 
 from __future__ import annotations
 
-import signal
 import sqlite3
 import struct
 import subprocess
@@ -321,7 +320,8 @@ def test_iotctl_readings_prints_and_follows(tmp_path, daemon, broker_factory):
         assert all('"device_id":"line' in s for s in seen) and {'"line1"', '"line2"'} <= {
             s.split("device_id\":")[1].split(",")[0] for s in seen}
     finally:
-        follow.send_signal(signal.SIGINT)
+        # SIGTERM, not SIGINT: a shell that started the suite in the background makes its children ignore SIGINT.
+        follow.terminate()
         follow.wait(10)
 
 
