@@ -121,8 +121,8 @@ LOGDIR="$ROOT/var/log/iot"
 live_systemd() { [ -z "$ROOT" ] && [ "$SUPERVISOR" -eq 0 ] && [ -d /run/systemd/system ]; }
 
 fingerprint() {
-  # What the venv is built from: the pinned versions and every tracked source file.
-  ( cd "$HERE" && cat deploy/constraints.txt pyproject.toml && find daemons -name '*.py' -type f | LC_ALL=C sort | xargs cat ) \
+  # What the venv is built from: the pinned versions and every source file (the dashboard's page too).
+  ( cd "$HERE" && cat deploy/constraints.txt pyproject.toml && find daemons -type f ! -name '*.pyc' ! -path '*/__pycache__/*' | LC_ALL=C sort | xargs cat ) \
     | sha256sum | cut -d' ' -f1
 }
 
