@@ -6,6 +6,7 @@
 #                                      systemd units enabled under iot.target. Starts nothing.
 #        --start                       ... and start iot.target (on an upgrade: restart what ran)
 #        --supervisor                  supervisord instead of systemd (/etc/iot/supervisord.conf)
+#        --factory                     ... and enable the simulated factory with its dashboard (seed 003)
 #        --wheelhouse DIR              install offline from wheels made by --make-wheelhouse DIR
 #        --root DIR                    install into a staging root (tests, packagers); no user, no start
 #        --uninstall [--purge]         remove units and /opt/iot; --purge also /etc/iot, /var/lib/iot, user
@@ -19,16 +20,19 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 MODE=system
-TEST_DEPS=0 START=0 SUPERVISOR=0 PURGE=0
+TEST_DEPS=0 START=0 SUPERVISOR=0 PURGE=0 FACTORY=0
 ROOT="" WHEELHOUSE="" MAKE_WHEELHOUSE=""
-APT_TEST_PACKAGES=(mosquitto mosquitto-clients mariadb-server debootstrap systemd-container)
+APT_TEST_PACKAGES=(mosquitto mosquitto-clients mariadb-server debootstrap systemd-container chromium)
 UNITS=(iot-broker.service iot-transfer-recv.service iot-transfer-send.service iot-ingest.service iot-dbsub.service
        iot.target)
-# Unit files installed but not enabled themselves: iot-plc@NAME is enabled once per [[plc.device]].
-TEMPLATES=(iot-plc@.service)
+# Unit files installed but not enabled themselves: iot-plc@NAME is enabled once per [[plc.device]],
+# iot-device@NAME (NAME "all" or a device) with --factory, as [factory] processes says.
+TEMPLATES=(iot-plc@.service iot-device@.service)
+# Installed always, enabled with --factory.
+FACTORY_UNITS=(iot-controller.service iot-observer.service iot-dashboard.service)
 CHANGED=0
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 step() { CURRENT="$*"; printf '==> %s\n' "$*"; }
 say() { printf '    %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
@@ -40,6 +44,7 @@ while [ $# -gt 0 ]; do
     --test-deps) TEST_DEPS=1 ;;
     --start) START=1 ;;
     --supervisor) SUPERVISOR=1 ;;
+    --factory) FACTORY=1 ;;
     --uninstall) MODE=uninstall ;;
     --purge) PURGE=1 ;;
     --root) ROOT=$(realpath -m "${2:?--root needs a folder}"); shift ;;
@@ -116,8 +121,8 @@ LOGDIR="$ROOT/var/log/iot"
 live_systemd() { [ -z "$ROOT" ] && [ "$SUPERVISOR" -eq 0 ] && [ -d /run/systemd/system ]; }
 
 fingerprint() {
-  # What the venv is built from: the pinned versions and every tracked source file.
-  ( cd "$HERE" && cat deploy/constraints.txt pyproject.toml && find daemons -name '*.py' -type f | LC_ALL=C sort | xargs cat ) \
+  # What the venv is built from: the pinned versions and every source file (the dashboard's page too).
+  ( cd "$HERE" && cat deploy/constraints.txt pyproject.toml && find daemons -type f ! -name '*.pyc' ! -path '*/__pycache__/*' | LC_ALL=C sort | xargs cat ) \
     | sha256sum | cut -d' ' -f1
 }
 
@@ -151,7 +156,8 @@ install_system() {
 
   WAS_RUNNING=()
   if live_systemd; then
-    for u in "${UNITS[@]}" $(enabled_plcs | sed 's/.*/iot-plc@&.service/'); do
+    for u in "${UNITS[@]}" "${FACTORY_UNITS[@]}" $(enabled_instances iot-plc | sed 's/.*/iot-plc@&.service/') \
+             $(enabled_instances iot-device | sed 's/.*/iot-device@&.service/'); do
       [ "$u" != iot.target ] && systemctl is-active --quiet "$u" && WAS_RUNNING+=("$u")
     done
   fi
@@ -212,6 +218,14 @@ install_system() {
     say "add your own users with: $OPT/bin/iotctl passwd $ETC/passwd USER; systemctl reload iot-broker"
     CHANGED=1
   fi
+  # The factory's roles log in with the local daemons' password; etc/iot/acl gives each its rights.
+  local role
+  for role in controller dashboard observer; do
+    grep -q "^$role:" "$ETC/passwd" && continue
+    "$OPT/bin/iotctl" passwd -b "$ETC/passwd" "$role" "$(head -n 1 "$ETC/mqtt.secret")" >/dev/null
+    say "added user $role to $ETC/passwd (the factory's $role; password: $ETC/mqtt.secret)"; CHANGED=1
+  done
+  install_file "$HERE/etc/iot/acl" "$ETC/acl" 0644
   # The broker (user iot) reads the password file, the daemons the secret; nobody else.
   [ -z "$ROOT" ] && chown root:iot "$ETC/passwd" "$ETC/mqtt.secret"
   chmod 0640 "$ETC/passwd" "$ETC/mqtt.secret"
@@ -228,7 +242,7 @@ install_system() {
     step "supervisord config $ETC/supervisord.conf"
     install_file "$HERE/deploy/supervisor/iot.conf" "$ETC/supervisord.conf" 0644
     install -d -m 0750 "$LOGDIR" "$STATE/run"
-    supervisor_plcs
+    supervisor_programs
     say "start it with: $OPT/bin/supervisord -c /etc/iot/supervisord.conf"
     if [ "$START" -eq 1 ] && [ -z "$ROOT" ]; then
       step "start supervisord"
@@ -240,7 +254,7 @@ install_system() {
 
   step "systemd units in $UNITDIR"
   local units_changed=0
-  for u in "${UNITS[@]}" "${TEMPLATES[@]}"; do
+  for u in "${UNITS[@]}" "${TEMPLATES[@]}" "${FACTORY_UNITS[@]}"; do
     if cmp -s "$HERE/deploy/systemd/$u" "$UNITDIR/$u" 2>/dev/null; then continue; fi
     install -D -m 0644 "$HERE/deploy/systemd/$u" "$UNITDIR/$u"; say "installed $u"; units_changed=1; CHANGED=1
   done
@@ -253,7 +267,15 @@ install_system() {
      "${sc[@]}" is-enabled --quiet iot-broker.service 2>/dev/null && \
      "${sc[@]}" is-enabled --quiet iot-dbsub.service 2>/dev/null; then say "already enabled"
   else "${sc[@]}" enable --quiet "${UNITS[@]}"; say "enabled"; CHANGED=1; fi
-  systemd_plcs
+  systemd_instances iot-plc "$(configured_plcs)" "PLC units (one iot-plc@NAME per [[plc.device]] in $ETC/iot.toml)"
+  if [ "$FACTORY" -eq 1 ]; then
+    step "factory units (--factory)"
+    local u on=1
+    for u in "${FACTORY_UNITS[@]}"; do "${sc[@]}" is-enabled --quiet "$u" 2>/dev/null || on=0; done
+    if [ $on -eq 1 ]; then say "already enabled"
+    else "${sc[@]}" enable --quiet "${FACTORY_UNITS[@]}"; say "enabled ${FACTORY_UNITS[*]}"; CHANGED=1; fi
+    systemd_instances iot-device "$(configured_devices)" "factory device units ([factory] processes in $ETC/iot.toml)"
+  fi
 
   if live_systemd; then
     if [ ${#WAS_RUNNING[@]} -gt 0 ] && { [ "${VENV_CHANGED:-0}" -eq 1 ] || [ $units_changed -eq 1 ]; }; then
@@ -272,67 +294,81 @@ configured_plcs() {  # the [[plc.device]] names of the installed config, one per
   "$OPT/bin/iot-plc" --list --config "$ETC/iot.toml" || die "cannot read the PLCs of $ETC/iot.toml (see above)"
 }
 
-enabled_plcs() {  # the iot-plc@NAME instances iot.target wants now
+configured_devices() {  # the iot-device@NAME instances [factory] processes asks for
+  "$OPT/bin/iot-device" --list --config "$ETC/iot.toml" || die "cannot read [factory] of $ETC/iot.toml (see above)"
+}
+
+enabled_instances() {  # PREFIX: the PREFIX@NAME instances iot.target wants now
   local f
-  for f in "$UNITDIR"/iot.target.wants/iot-plc@*.service; do
+  for f in "$UNITDIR"/iot.target.wants/"$1"@*.service; do
     [ -e "$f" ] || [ -L "$f" ] || continue
-    f=${f##*/iot-plc@}; echo "${f%.service}"
+    f=${f##*/"$1"@}; echo "${f%.service}"
   done
 }
 
-systemd_plcs() {  # iot-plc@NAME enabled for each configured PLC, and only for those
-  step "PLC units (one iot-plc@NAME per [[plc.device]] in $ETC/iot.toml)"
-  local sc=(systemctl); [ -n "$ROOT" ] && sc+=(--root="$ROOT")
-  local want have n changed=0
-  want=$(configured_plcs) || exit 1
-  have=$(enabled_plcs)
+systemd_instances() {  # PREFIX WANTED TITLE: PREFIX@NAME enabled for each NAME wanted, and only those
+  step "$3"
+  local prefix=$1 want=$2 sc=(systemctl) have n changed=0
+  [ -n "$ROOT" ] && sc+=(--root="$ROOT")
+  have=$(enabled_instances "$prefix")
   for n in $have; do
     if ! grep -qxF "$n" <<<"$want"; then
-      if live_systemd; then systemctl disable --now --quiet "iot-plc@$n.service"
-      else "${sc[@]}" disable --quiet "iot-plc@$n.service"; fi
-      say "disabled iot-plc@$n (no longer in the config)"; changed=1
+      if live_systemd; then systemctl disable --now --quiet "$prefix@$n.service"
+      else "${sc[@]}" disable --quiet "$prefix@$n.service"; fi
+      say "disabled $prefix@$n (no longer in the config)"; changed=1
     fi
   done
   for n in $want; do
     if ! grep -qxF "$n" <<<"$have"; then
-      "${sc[@]}" enable --quiet "iot-plc@$n.service"; say "enabled iot-plc@$n"; changed=1
-      # A PLC added to a running set starts now; a fresh install starts it with iot.target.
-      if live_systemd && systemctl is-active --quiet iot.target; then systemctl start "iot-plc@$n.service"; fi
+      "${sc[@]}" enable --quiet "$prefix@$n.service"; say "enabled $prefix@$n"; changed=1
+      # One added to a running set starts now; a fresh install starts it with iot.target.
+      if live_systemd && systemctl is-active --quiet iot.target; then systemctl start "$prefix@$n.service"; fi
     fi
   done
   if [ $changed -eq 1 ]; then CHANGED=1; else say "unchanged: ${want//$'\n'/ }"; fi
 }
 
-supervisor_plcs() {  # /etc/iot/supervisor.d/iot-plc-NAME.conf for each configured PLC, and only those
-  step "PLC programs in $ETC/supervisor.d"
-  local want n f changed=0
-  want=$(configured_plcs) || exit 1
+supervisor_program() {  # NAME COMMAND: the [program:NAME] block, cut from iot-dbsub's in the shipped file
+  sed -n '/^\[program:iot-dbsub\]/,/^$/p' "$HERE/deploy/supervisor/iot.conf" | sed \
+    -e "s|^\[program:iot-dbsub\]|[program:$1]|" -e "s|^command=.*|command=$2|" \
+    -e "s|^priority=.*|priority=30|" -e "s|iot-dbsub.log|$1.log|"
+}
+
+supervisor_programs() {  # $ETC/supervisor.d/NAME.conf: one iot-plc per PLC; with --factory the factory
+  step "programs from the config in $ETC/supervisor.d"
+  local lines n f name changed=0 cmd=/opt/iot/bin
+  lines=$(for n in $(configured_plcs); do echo "iot-plc-$n $cmd/iot-plc --config /etc/iot/iot.toml --plc $n"; done)
+  if [ "$FACTORY" -eq 1 ]; then
+    lines+=$'\n'$(for n in $(configured_devices); do
+      echo "iot-device-$n $cmd/iot-device --config /etc/iot/iot.toml --device $n"; done)
+    for n in controller observer dashboard; do lines+=$'\n'"iot-$n $cmd/iot-$n --config /etc/iot/iot.toml"; done
+  fi
   install -d -m 0755 "$ETC/supervisor.d"
-  for f in "$ETC"/supervisor.d/iot-plc-*.conf; do
+  for f in "$ETC"/supervisor.d/iot-plc-*.conf "$ETC"/supervisor.d/iot-device-*.conf; do
     [ -e "$f" ] || continue
-    n=${f##*/iot-plc-}; n=${n%.conf}
-    grep -qxF "$n" <<<"$want" || { rm -f "$f"; say "removed iot-plc-$n (no longer in the config)"; changed=1; }
+    name=${f##*/}; name=${name%.conf}
+    [ "$FACTORY" -eq 0 ] && [[ $name == iot-device-* ]] && continue  # kept as an earlier --factory made it
+    cut -d' ' -f1 <<<"$lines" | grep -qxF "$name" || { rm -f "$f"; say "removed $name (no longer in the config)"; changed=1; }
   done
-  for n in $want; do
-    f="$ETC/supervisor.d/iot-plc-$n.conf"
-    sed -n '/^\[program:iot-dbsub\]/,/^$/p' "$HERE/deploy/supervisor/iot.conf" | sed \
-      -e "s|^\[program:iot-dbsub\]|[program:iot-plc-$n]|" \
-      -e "s|^command=.*|command=/opt/iot/bin/iot-plc --config /etc/iot/iot.toml --plc $n|" \
-      -e "s|^priority=.*|priority=30|" -e "s|iot-dbsub.log|iot-plc-$n.log|" > "$f.new"
+  while read -r name command; do
+    [ -n "$name" ] || continue
+    f="$ETC/supervisor.d/$name.conf"
+    supervisor_program "$name" "$command" > "$f.new"
     if cmp -s "$f.new" "$f"; then rm -f "$f.new"
-    else mv "$f.new" "$f"; say "wrote iot-plc-$n"; changed=1; fi
-  done
-  if [ $changed -eq 1 ]; then CHANGED=1; else say "unchanged: ${want//$'\n'/ }"; fi
+    else mv "$f.new" "$f"; say "wrote $name"; changed=1; fi
+  done <<<"$lines"
+  if [ $changed -eq 1 ]; then CHANGED=1; else say "unchanged"; fi
 }
 
 uninstall() {
   if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then die "uninstall needs root"; fi
   step "stop and remove units"
-  local plcs=() n
-  for n in $(enabled_plcs); do plcs+=("iot-plc@$n.service"); done
-  if live_systemd; then systemctl disable --now --quiet "${UNITS[@]}" "${plcs[@]}" 2>/dev/null || true
-  elif [ -d "$UNITDIR" ]; then systemctl --root="${ROOT:-/}" disable --quiet "${UNITS[@]}" "${plcs[@]}" 2>/dev/null || true; fi
-  for u in "${UNITS[@]}" "${TEMPLATES[@]}"; do [ -e "$UNITDIR/$u" ] && { rm -f "$UNITDIR/$u"; say "removed $u"; }; done
+  local more=("${FACTORY_UNITS[@]}") n
+  for n in $(enabled_instances iot-plc); do more+=("iot-plc@$n.service"); done
+  for n in $(enabled_instances iot-device); do more+=("iot-device@$n.service"); done
+  if live_systemd; then systemctl disable --now --quiet "${UNITS[@]}" "${more[@]}" 2>/dev/null || true
+  elif [ -d "$UNITDIR" ]; then systemctl --root="${ROOT:-/}" disable --quiet "${UNITS[@]}" "${more[@]}" 2>/dev/null || true; fi
+  for u in "${UNITS[@]}" "${TEMPLATES[@]}" "${FACTORY_UNITS[@]}"; do [ -e "$UNITDIR/$u" ] && { rm -f "$UNITDIR/$u"; say "removed $u"; }; done
   live_systemd && systemctl daemon-reload
   step "remove $OPT"
   rm -rf "$OPT" "$OPT.new" "$OPT.old"; say "removed"

@@ -348,6 +348,88 @@ class DbsubConfig:
     retry_max: float = field(default=30.0, metadata=_range(0.01, 3600))
 
 
+@dataclass(frozen=True, slots=True)
+class SensorConfig:
+    """One `[[factory.device.sensor]]`: a simulated sensor, its normal range and its alarms."""
+
+    name: str = field(metadata={"required": "each sensor needs a name"})
+    unit: str = ""
+    # The normal range: while running the value wanders around the setpoint (default: the
+    # middle) inside it; while stopped it settles to `low`.
+    low: float = field(default=0.0)
+    high: float = field(default=100.0)
+    # An alarm is raised when the value goes above alarm_high (below alarm_low) and cleared when
+    # it is back by `hysteresis` inside the threshold, so a value hovering there does not chatter.
+    alarm_high: float | None = None
+    alarm_low: float | None = None
+    hysteresis: float = field(default=0.0, metadata=_range(0, None))
+
+
+def _sensors(*rows: tuple) -> tuple[SensorConfig, ...]:
+    return tuple(SensorConfig(name=n, unit=u, low=lo, high=hi, alarm_high=ah, alarm_low=al, hysteresis=h)
+                 for n, u, lo, hi, ah, al, h in rows)
+
+
+@dataclass(frozen=True, slots=True)
+class FactoryDeviceConfig:
+    """One `[[factory.device]]`: a simulated machine or station (`iot-device --device NAME`)."""
+
+    # The device's MQTT client id and its topics' segment: factory/telemetry/<name>/<sensor>.
+    name: str = field(metadata={"required": "each device needs a name"})
+    # Seconds between telemetry messages (each sensor once).
+    interval: float = field(default=1.0, metadata=_range(0.01, 3600))
+    sensor: tuple[SensorConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RuleConfig:
+    """One `[[factory.rule]]` of iot-controller: on an alarm, a command to its device."""
+
+    # "raised" or "cleared".
+    on: str = field(default="raised", metadata=_choices("raised", "cleared"))
+    # fnmatch patterns of the alarm's device and sensor.
+    device: str = "*"
+    sensor: str = "*"
+    command: str = field(default="stop", metadata=_choices("start", "stop", "reset"))
+
+
+DEFAULT_DEVICES = (
+    FactoryDeviceConfig(name="press", sensor=_sensors(
+        ("temperature", "C", 40.0, 70.0, 80.0, None, 3.0), ("pressure", "bar", 100.0, 150.0, 170.0, None, 5.0))),
+    FactoryDeviceConfig(name="conveyor", sensor=_sensors(
+        ("speed", "m/s", 0.8, 1.2, 1.5, 0.5, 0.05), ("motor_temperature", "C", 30.0, 60.0, 75.0, None, 3.0))),
+    FactoryDeviceConfig(name="robot_arm", sensor=_sensors(
+        ("temperature", "C", 35.0, 65.0, 80.0, None, 3.0), ("torque", "Nm", 10.0, 40.0, 55.0, None, 2.0),
+        ("position", "deg", 0.0, 180.0, None, None, 0.0))),
+    FactoryDeviceConfig(name="env_station", interval=2.0, sensor=_sensors(
+        ("temperature", "C", 18.0, 26.0, 30.0, 15.0, 1.0), ("humidity", "%", 30.0, 60.0, 70.0, None, 3.0),
+        ("co2", "ppm", 400.0, 900.0, 1200.0, None, 50.0))),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FactoryConfig:
+    """The simulated factory (seed 003): iot-device, iot-controller, iot-observer, iot-dashboard."""
+
+    device: tuple[FactoryDeviceConfig, ...] = DEFAULT_DEVICES
+    # How the installed set runs the devices: "one" process for all of them (less memory) or
+    # "per-device" (a crash takes one down); either way each device has its own connection.
+    processes: str = field(default="one", metadata=_choices("one", "per-device"))
+    rule: tuple[RuleConfig, ...] = (RuleConfig(on="raised", sensor="*temperature", command="stop"),
+                                    RuleConfig(on="cleared", sensor="*temperature", command="start"))
+    # iot-controller's session: "persistent" gets the alarms raised while it was down.
+    controller_session: str = field(default="persistent", metadata=_choices("persistent", "clean"))
+    # The MQTT user names of the roles the ACL (etc/iot/acl) gives their rights to; devices are
+    # known by their client id (= device name) instead.
+    controller_username: str = "controller"
+    dashboard_username: str = "dashboard"
+    observer_username: str = "observer"
+    # iot-dashboard. It can stop machines: loopback unless a password file is set.
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = field(default=8080, metadata=_range(1, 65535))
+    dashboard_password_file: Path | None = None
+
+
 SECTIONS: dict[str, type] = {
     "paths": PathsConfig,
     "log": LogConfig,
@@ -357,6 +439,7 @@ SECTIONS: dict[str, type] = {
     "ingest": IngestConfig,
     "plc": PlcConfig,
     "dbsub": DbsubConfig,
+    "factory": FactoryConfig,
 }
 
 
@@ -371,6 +454,7 @@ class Config:
     ingest: IngestConfig = IngestConfig()
     plc: PlcConfig = PlcConfig()
     dbsub: DbsubConfig = DbsubConfig()
+    factory: FactoryConfig = FactoryConfig()
 
 
 def find(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -492,6 +576,12 @@ def _convert(f: dataclasses.Field, value: Any, key: str, path: Path | None, base
         return _plc_devices(value, path, base)
     if kind == "tuple[RegisterConfig, ...]":
         return _registers(value, key, path, base)
+    if kind == "tuple[FactoryDeviceConfig, ...]":
+        return _factory_devices(value, path, base)
+    if kind == "tuple[SensorConfig, ...]":
+        return _factory_sensors(value, key, path, base)
+    if kind == "tuple[RuleConfig, ...]":
+        return tuple(_tables(RuleConfig, "[[factory.rule]]", value, path, base))
     if kind == "tuple[str, ...]":
         choices = f.metadata.get("choices")
         if not isinstance(value, list) or not all(isinstance(v, str) and (not choices or v in choices) for v in value):
@@ -590,6 +680,41 @@ def _registers(value: Any, key: str, path: Path | None, base: Path) -> tuple[Reg
         if r.scale == 0 or r.scale != r.scale or abs(r.scale) == float("inf"):
             raise ConfigError(path, f"{label} scale", f"expected a finite number other than 0, got {r.scale!r}")
     return tuple(regs)
+
+
+def _factory_devices(value: Any, path: Path | None, base: Path) -> tuple[FactoryDeviceConfig, ...]:
+    devices = _tables(FactoryDeviceConfig, "[[factory.device]]", value, path, base)
+    names: set[str] = set()
+    for i, d in enumerate(devices, 1):
+        label = f"[[factory.device]] #{i}"
+        # A topic segment and a client id: no '/', '+', '#'; and not "all" (iot-device --device all).
+        if not _NAME.fullmatch(d.name) or d.name == "all":
+            raise ConfigError(path, f"{label} name", "expected 1-64 letters, digits, '_', '-' or '.', starting with "
+                                                     f"a letter or digit, not 'all', got {d.name!r}")
+        if d.name in names:
+            raise ConfigError(path, f"{label} name", f"{d.name!r} is the name of an earlier [[factory.device]]")
+        names.add(d.name)
+        if not d.sensor:
+            raise ConfigError(path, f"{label} sensor", "missing: a device needs [[factory.device.sensor]] tables")
+    return tuple(devices)
+
+
+def _factory_sensors(value: Any, key: str, path: Path | None, base: Path) -> tuple[SensorConfig, ...]:
+    sensors = _tables(SensorConfig, key, value, path, base)
+    seen: set[str] = set()
+    for i, s in enumerate(sensors, 1):
+        label = f"{key} #{i}"
+        if not _NAME.fullmatch(s.name) or s.name in seen:
+            raise ConfigError(path, f"{label} name", f"expected a new name of 1-64 letters, digits, '_', '-' or '.', "
+                                                     f"got {s.name!r}")
+        seen.add(s.name)
+        if not s.low < s.high:
+            raise ConfigError(path, f"{label} high", f"must be above low ({s.low:g}), got {s.high:g}")
+        if s.alarm_high is not None and s.alarm_high - s.hysteresis <= s.low:
+            raise ConfigError(path, f"{label} alarm_high", "must be above low + hysteresis, or the alarm never clears")
+        if s.alarm_low is not None and s.alarm_low + s.hysteresis >= s.high:
+            raise ConfigError(path, f"{label} alarm_low", "must be below high - hysteresis, or the alarm never clears")
+    return tuple(sensors)
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:

@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert_commands(sub)
     from .plc.cli import add_commands as plc_commands  # noqa: PLC0415 - `readings`
     plc_commands(sub)
+    from .factory.cli import add_commands as factory_commands  # noqa: PLC0415 - `bad-actor`
+    factory_commands(sub)
     return parser
 
 

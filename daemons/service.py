@@ -20,7 +20,6 @@ exception is logged with its traceback and exits EX_SOFTWARE (70).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import inspect
 import logging
 import os
@@ -30,11 +29,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sdnotify
 
 from . import config as configmod
+
+if TYPE_CHECKING:
+    import asyncio  # imported for real only by an async daemon: ~3 MB less in each of the others
 
 EX_OK = 0
 EX_USAGE = 64
@@ -267,6 +269,8 @@ class Service:
     async def stopped(self) -> None:
         """Await the stop request while feeding the watchdog from this event loop."""
         assert self._async_stop is not None, "stopped() needs a coroutine serve()"
+        import asyncio  # noqa: PLC0415 - see the top
+
         period = min(1.0, self._watchdog_interval or 1.0)
         while not self._async_stop.is_set():
             self.tick()
@@ -313,6 +317,8 @@ class Service:
         threading.Thread(target=watch, name="signals", daemon=True).start()
 
     async def _run_async(self, coro: Any) -> Any:
+        import asyncio  # noqa: PLC0415 - see the top
+
         self._loop = asyncio.get_running_loop()
         self._async_stop = asyncio.Event()
         if self._stop.is_set():
@@ -365,6 +371,8 @@ def run(
         svc = Service(name, cfg, args, log)
         svc._install_sync_signals()  # an async serve() replaces these with loop handlers
         if inspect.iscoroutinefunction(serve):
+            import asyncio  # noqa: PLC0415 - see the top
+
             asyncio.run(svc._run_async(serve(svc)))
         else:
             serve(svc)

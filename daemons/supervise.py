@@ -40,11 +40,20 @@ PROGRAMS: tuple[Program, ...] = (
 )
 
 
-def programs(cfg: configmod.Config) -> tuple[Program, ...]:
-    """PROGRAMS and one iot-plc per [[plc.device]] (after iot-dbsub, so that on a first start its
-    subscription is there before the first reading)."""
-    return PROGRAMS + tuple(Program(f"iot-plc-{d.name}", 30, ("--plc", d.name), exe="iot-plc",
-                                    unit=f"iot-plc@{d.name}") for d in cfg.plc.device)
+def programs(cfg: configmod.Config, factory: bool = True) -> tuple[Program, ...]:
+    """PROGRAMS, one iot-plc per [[plc.device]] (after iot-dbsub, so that on a first start its
+    subscription is there before the first reading) and, with `factory`, the factory: its devices
+    (one process for all, or one per device: [factory] processes), controller, observer, dashboard."""
+    plcs = tuple(Program(f"iot-plc-{d.name}", 30, ("--plc", d.name), exe="iot-plc", unit=f"iot-plc@{d.name}")
+                 for d in cfg.plc.device)
+    if not factory:
+        return PROGRAMS + plcs
+    fc = cfg.factory
+    names = ["all"] if fc.processes == "one" else [d.name for d in fc.device]
+    devices = tuple(Program(f"iot-device-{n}", 30, ("--device", n), exe="iot-device", unit=f"iot-device@{n}")
+                    for n in names)
+    return PROGRAMS + plcs + devices + (Program("iot-controller", 30), Program("iot-observer", 30),
+                                        Program("iot-dashboard", 30))
 
 START_TIMEOUT = 30.0
 
@@ -98,7 +107,7 @@ def _states(cfg: configmod.Config) -> dict[str, str]:
 
 def cmd_up(args: argparse.Namespace, log) -> int:
     cfg = configmod.load(args.config)
-    progs = programs(cfg)
+    progs = programs(cfg, factory=not args.no_factory)
     run, logs = _rundir(cfg), cfg.paths.state_dir / "log"
     run.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
@@ -114,6 +123,8 @@ def cmd_up(args: argparse.Namespace, log) -> int:
         print(f"  broker: mqtt://{_display_host(cfg.broker.host)}:{cfg.broker.port}")
         conf_arg = f" --config {cfg.source}" if cfg.source else ""
         print(f"  PLC readings as they are stored: iotctl readings --follow{conf_arg}")
+        if not args.no_factory:
+            print(f"  factory dashboard: http://{_display_host(cfg.factory.dashboard_host)}:{cfg.factory.dashboard_port}/")
         print("  stop: Ctrl-C    state: iotctl status", flush=True)
     else:
         proc.send_signal(signal.SIGTERM)
@@ -146,31 +157,41 @@ def _wait_running(cfg: configmod.Config, proc: subprocess.Popen, log) -> bool:
 
 def _systemd_states(cfg: configmod.Config) -> list[tuple[str, str, str]]:
     names = [(p.unit or p.name) + ".service" for p in programs(cfg)]
-    r = subprocess.run(["systemctl", "show", "-p", "Id,ActiveState,SubState,StatusText", *names],
+    r = subprocess.run(["systemctl", "show", "-p", "Id,ActiveState,SubState,StatusText,UnitFileState", *names],
                        capture_output=True, text=True, timeout=30)
     rows = []
     for block in r.stdout.strip().split("\n\n"):
         f = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        # Units this node does not run (the factory without install.sh --factory) are not listed.
+        if f.get("UnitFileState") not in ("enabled", "enabled-runtime") and f.get("ActiveState") == "inactive":
+            continue
         if f.get("Id"):
             rows.append((f["Id"].removesuffix(".service"), f"{f['ActiveState']}/{f['SubState']}",
                          f.get("StatusText", "")))
     return rows
 
 
+RUNNING = ("RUNNING", "active/running")  # a running daemon's state, to supervisord and to systemd
+
+
+def status_rows(cfg: configmod.Config) -> list[tuple[str, str, str]] | None:
+    """(name, state, detail) of every daemon: from this config's supervisord if it runs, else
+    from systemd; None if neither runs. `iotctl status` and the dashboard's Node view."""
+    try:
+        return [(p["name"], p["statename"], p["description"]) for p in rpc(cfg).supervisor.getAllProcessInfo()]
+    except OSError:
+        return _systemd_states(cfg) if Path("/run/systemd/system").is_dir() else None
+
+
 def cmd_status(args: argparse.Namespace, log) -> int:
     """Every daemon's state: from this config's supervisord if it runs, else from systemd."""
     cfg = configmod.load(args.config)
-    try:
-        infos = rpc(cfg).supervisor.getAllProcessInfo()
-        rows = [(p["name"], p["statename"], p["description"]) for p in infos]
-        ok = all(p["statename"] == "RUNNING" for p in infos)
-    except OSError:
-        if not Path("/run/systemd/system").is_dir():
-            print("iotctl status: neither supervisord (no socket at "
-                  f"{_rundir(cfg) / 'supervisor.sock'}) nor systemd is running", file=sys.stderr)
-            return 3
-        rows = _systemd_states(cfg)
-        ok = bool(rows) and all(state == "active/running" for _, state, _ in rows)
+    rows = status_rows(cfg)
+    if rows is None:
+        print("iotctl status: neither supervisord (no socket at "
+              f"{_rundir(cfg) / 'supervisor.sock'}) nor systemd is running", file=sys.stderr)
+        return 3
+    ok = bool(rows) and all(state in RUNNING for _, state, _ in rows)
     width = max((len(name) for name, _, _ in rows), default=4)
     for name, state, detail in rows:
         print(f"{name:<{width}}  {state:<14} {detail}")
@@ -179,8 +200,11 @@ def cmd_status(args: argparse.Namespace, log) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("up", help="run the whole daemon set in the foreground under supervisord",
-                       description="Run every daemon under supervisord with this checkout's etc/ and var/.")
+                       description="Run every daemon under supervisord with this checkout's etc/ and var/, the "
+                                   "simulated factory and its dashboard included.")
     p.add_argument("--config", metavar="FILE")
+    p.add_argument("--no-factory", action="store_true",
+                   help="leave out the simulated factory (iot-device, iot-controller, iot-observer, iot-dashboard)")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("status", help="show each daemon's state",
                        description="Show every daemon's state (exit 0 if all run, 3 otherwise, like systemctl).")

@@ -205,6 +205,43 @@ def read_all(folder: Path) -> Scan:
     return scan
 
 
+class Size:
+    """(entries, bytes) in the DLQ for a status view asked every few seconds (the dashboard),
+    without reading it all each time: segments only grow by appends, so each is read on from
+    where the last count stopped; a segment compaction rewrote (another inode, or shorter) is
+    counted afresh. Whole lines count (a torn last one is not an entry yet), corrupt ones too,
+    less the removed entries still waiting for compaction."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._seen: dict[str, tuple[int, int, int]] = {}  # segment name -> (inode, bytes counted, lines)
+
+    def count(self) -> tuple[int, int]:
+        seen: dict[str, tuple[int, int, int]] = {}
+        entries = total = 0
+        for seg in segments(self.folder):
+            try:
+                with open(seg, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    ino, done, lines = self._seen.get(seg.name, (st.st_ino, 0, 0))
+                    if ino != st.st_ino or st.st_size < done:
+                        ino, done, lines = st.st_ino, 0, 0
+                    f.seek(done)
+                    pos = done
+                    while chunk := f.read(1 << 20):
+                        if n := chunk.count(b"\n"):
+                            lines += n
+                            done = pos + chunk.rfind(b"\n") + 1  # a torn tail is read again next time
+                        pos += len(chunk)
+            except FileNotFoundError:  # compacted away meanwhile
+                continue
+            seen[seg.name] = (ino, done, lines)
+            entries += lines
+            total += st.st_size
+        self._seen = seen
+        return max(0, entries - len(_removed_ids(self.folder))), total
+
+
 class Remover:
     """Context manager for tools: holds dlq.lock, marks entries removed, compacts on exit."""
 

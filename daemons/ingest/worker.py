@@ -36,6 +36,7 @@ behind it (past it the inbox blocks paho's thread until the batch lands).
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ import orjson
 
 from .. import service
 from ..config import Config, ConfigError
+from ..durable import atomic_write
 from ..mqttclient import Delivery, MqttClient, backoff, paho_version
 from ..service import Exit, Service
 from . import dlq as dlqmod
@@ -53,6 +55,7 @@ from .sinks import MAX_TOPIC, Row, SchemaTooNew, Sink, Unavailable, open_sink
 NAME = "iot-ingest"
 SUBSCRIBE_WAIT = 5.0
 GC_THRESHOLD = 50_000
+SNAPSHOT_IDLE = 30.0
 
 
 def keys_path(cfg: Config) -> Path:
@@ -65,6 +68,11 @@ def keys_path(cfg: Config) -> Path:
 
 def dlq_path(cfg: Config) -> Path:
     return cfg.ingest.dlq_dir or cfg.paths.state_dir / "dlq"
+
+
+def status_path(cfg: Config) -> Path:
+    """The worker's counters as JSON, refreshed while it runs (for the dashboard's Node view)."""
+    return cfg.paths.state_dir / "ingest" / "status.json"
 
 
 def to_row(verifier: Verifier, topic: str, payload: bytes) -> Row:
@@ -103,6 +111,10 @@ class Ingest:
         )
         assert c.inbox is not None
         self.inbox = c.inbox
+        self.snap_path = status_path(cfg)
+        self._snap: dict = {}
+        self._snap_at = -SNAPSHOT_IDLE
+        self._snap_failed = False
 
     # paho's thread -----------------------------------------------------------------------------
 
@@ -217,6 +229,7 @@ class Ingest:
                 self.log.warning(what, error=str(e), retry_in=f"{delay:.1f}s", attempt=attempt,
                                  unacked=holding + len(self.inbox))
                 self.svc.set_status(self.stats.outage)
+                self.maybe_snapshot()
                 if not self.svc.wait(delay):
                     return False
 
@@ -242,6 +255,31 @@ class Ingest:
         elif not self.client.connected:
             line = "broker not connected; " + line
         return line
+
+    def snapshot(self) -> dict:
+        st = self.stats
+        return {"landed": st.landed, "dlq": st.dlq, "queue": len(self.inbox), "connected": self.client.connected,
+                "outage": st.outage, "pid": os.getpid()}
+
+    def maybe_snapshot(self) -> None:
+        """Write the counters for readers on this node, at most once a second and only when they
+        changed (else every SNAPSHOT_IDLE s, so a reader can tell a live worker from a dead one).
+        Not fsynced: it only informs, and never torn (durable.atomic_write)."""
+        now = time.monotonic()
+        if now - self._snap_at < 1.0:
+            return
+        snap = self.snapshot()
+        if snap == self._snap and now - self._snap_at < SNAPSHOT_IDLE:
+            return
+        self._snap, self._snap_at = snap, now
+        path = self.snap_path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, orjson.dumps({**snap, "updated": time.time()}), durable=False)
+        except OSError as e:
+            if not self._snap_failed:  # once: the status file is a convenience, ingesting goes on
+                self.log.warning("cannot write the status file", path=str(path), error=str(e))
+            self._snap_failed = True
 
     def maybe_status(self) -> None:
         st = self.stats
@@ -295,6 +333,7 @@ def serve(svc: Service) -> None:
               + f" as {cfg.mqtt.client_id_prefix}-ingest; sink {sink.describe()}; keys {len(keys)}")
     try:
         while svc.wait(0):
+            ing.maybe_snapshot()
             batch = ing.collect()
             if not batch:
                 continue

@@ -23,6 +23,7 @@ database keeps one row per (device_id, seq).
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 import threading
 import time
@@ -70,6 +71,7 @@ class Plc:
         self.sent_upto = -1  # the highest seq handed to paho
         self.acked = self.published = 0
         self.dropped_unlogged = 0
+        self.unstored = 0
         self.drop_line_due = 0.0
         self.client = MqttClient(cfg.mqtt, f"{cfg.mqtt.client_id_prefix}-plc-{dev.name}", log=self.log,
                                  max_inflight=self.window, on_publish=self._on_publish,
@@ -94,7 +96,14 @@ class Plc:
         values, units = got
         ts = time.time()
         dev_id = self.dev.id
-        seq, dropped = self.queue.add(lambda s: reading.encode(dev_id, s, ts, values, units))
+        try:
+            seq, dropped = self.queue.add(lambda s: reading.encode(dev_id, s, ts, values, units))
+        except sqlite3.Error as e:  # a full or failing disk: this reading cannot be kept, so it is not taken
+            self.unstored += 1
+            if self.unstored == 1 or self.unstored % 100 == 0:
+                self.log.error("cannot store the reading on disk; it is lost", error=str(e), lost_total=self.unstored,
+                               queue=str(self.queue.path))
+            return
         self.log.debug("reading taken", seq=seq, **values)
         if dropped:
             self.dropped_unlogged += dropped

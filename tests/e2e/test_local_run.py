@@ -41,7 +41,7 @@ def test_iotctl_up_runs_the_set_keeps_flows_through_kill_9_and_stops_on_ctrl_c(t
     var = tmp_path / "var"
     cfg = tmp_path / "iot.toml"
     cfg.write_text(f'[paths]\nstate_dir = "{var}"\n[broker]\nhost = "127.0.0.1"\nport = {port}\n'
-                   f'[mqtt]\nport = {port}\n')
+                   f'[mqtt]\nport = {port}\n[factory]\ndashboard_port = {free_port()}\n')
     shutil.copy(ROOT / "etc/iot/ingest.keys", tmp_path / "ingest.keys")
     os.chmod(tmp_path / "ingest.keys", 0o600)
     out = tmp_path / "up.out"
@@ -54,7 +54,9 @@ def test_iotctl_up_runs_the_set_keeps_flows_through_kill_9_and_stops_on_ctrl_c(t
         assert f"broker: mqtt://127.0.0.1:{port}" in out.read_text()
         st = ctl("status", "--config", str(cfg))
         assert st.returncode == 0, st.stdout + st.stderr
-        assert st.stdout.count("RUNNING") == len(supervise.programs(config.load(cfg))) == len(supervise.PROGRAMS) + 1
+        # the node's daemons, one PLC, and the factory: its devices in one process, controller, observer, dashboard
+        assert st.stdout.count("RUNNING") == len(supervise.programs(config.load(cfg))) == len(supervise.PROGRAMS) + 5
+        assert "factory dashboard: http://127.0.0.1:" in out.read_text()
 
         # the simulated PLC's readings reach iot-dbsub's database, seq after seq
         wait_for(lambda: rows(var / "db/sensors.db") >= 2, 30, interval=0.2, what="2 PLC readings stored")

@@ -374,6 +374,8 @@ def test_install_start_and_operate_as_the_readme_says(container):
     st = c.sh("/opt/iot/bin/iotctl status", check=False)
     assert st.returncode == 0, st.stdout + st.stderr
     assert all(u in st.stdout for u in UNITS) and st.stdout.count("active/running") == len(UNITS), st.stdout
+    # The simulated factory is installed but runs only with install.sh --factory: not listed.
+    assert "iot-dashboard" not in st.stdout and c.sh("test -e /etc/systemd/system/iot-dashboard.service").returncode == 0
 
     # journalctl -u iot-ingest shows the worker's lines
     assert "ready" in c.sh("journalctl -u iot-ingest --no-pager -o cat").stdout

@@ -19,7 +19,7 @@ from tests.support import ROOT
 SERVICES = sorted(p.name for p in (ROOT / "deploy/systemd").glob("*.service") if "@" not in p.name)
 TEMPLATES = sorted(p.name for p in (ROOT / "deploy/systemd").glob("*@.service"))
 # What systemd-analyze checks of a template: the instance the default config enables.
-INSTANCES = [t.replace("@", "@line1") for t in TEMPLATES]
+INSTANCES = ["iot-plc@line1.service", "iot-device@all.service"]
 pytestmark = [pytest.mark.systemd]
 
 
@@ -33,8 +33,8 @@ def staging(tmp_path_factory):
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                     f"lowerdir={ROOTFS},upperdir={d / 'upper'},workdir={d / 'work'}", str(merged)], check=True)
     try:
-        r = subprocess.run([str(ROOT / "install.sh"), "--root", str(merged)], capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run([str(ROOT / "install.sh"), "--root", str(merged), "--factory"], capture_output=True,
+                           text=True, timeout=600)
         assert r.returncode == 0, r.stdout + r.stderr
         yield merged
     finally:
@@ -43,10 +43,12 @@ def staging(tmp_path_factory):
 
 def test_every_daemon_has_a_unit_and_the_target_wants_it(staging: Path):
     from daemons import config, supervise
+    assert {t.split("@")[0] for t in TEMPLATES} == {i.split("@")[0] for i in INSTANCES}
     units = {(p.unit or p.name) + ".service" for p in supervise.programs(config.Config())}
     assert units == set(SERVICES) | set(INSTANCES)
     wants = {p.name for p in (staging / "etc/systemd/system/iot.target.wants").iterdir()}
-    assert wants == set(SERVICES) | set(INSTANCES)  # one iot-plc@NAME per [[plc.device]]: line1 by default
+    # One iot-plc@NAME per [[plc.device]] (line1 by default); --factory: its units, the devices in one process.
+    assert wants == set(SERVICES) | set(INSTANCES)
     assert (staging / "etc/systemd/system/multi-user.target.wants/iot.target").is_symlink()
 
 

@@ -14,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
+import orjson
 import pytest
 
 from daemons import config
@@ -348,6 +349,33 @@ def test_status_line_every_10000_records_and_in_sd_notify(broker_factory, daemon
     assert re.search(r"queue=\d+ landed=\d+ dlq=0 latency_avg=\d+ms rate=\d+/s", lines[-1])
     wait_for(lambda: any(m.startswith("STATUS=workers=1") and "landed=20000" in m for m in notify.drain(0.2)),
              15, what="STATUS= with the summary")
+
+
+def test_status_file_has_the_counters_for_the_dashboards_node_view(broker_factory, daemon, node_factory):
+    from daemons.factory.dashboard.node import Node as NodeView  # noqa: PLC0415
+    from daemons.ingest.worker import status_path  # noqa: PLC0415
+
+    b = broker_factory(BROKER_LIMITS)
+    node = node_factory(b.port)
+    proc, _ = start_ingest(daemon, node)
+    path = status_path(node.cfg())
+    wait_for(path.exists, 10, what="the status file")
+    view = NodeView(node.cfg())
+    first = view.ingest()
+    assert first["running"] and first["connected"] and first["landed"] == 0 and first["dlq_entries"] == 0
+    publish(b.port, [reading(i) for i in range(10)] + [b"not signed"] * 2)
+    node.wait_rows(10)
+
+    def counted() -> bool:
+        s = orjson.loads(path.read_bytes())
+        return (s["landed"], s["dlq"]) == (10, 2)
+
+    wait_for(counted, 10, what="landed=10 dlq=2 in the status file")
+    now = view.ingest()
+    assert (now["landed"], now["rejected"], now["dlq_entries"]) == (10, 2, 2) and now["rate"] > 0
+    assert now["dlq_bytes"] == sum(p.stat().st_size for p in dlqmod.segments(dlq_path(node.cfg())))
+    proc.stop()
+    assert orjson.loads(path.read_bytes())["landed"] == 10  # left behind: readers judge it by its age
 
 
 def test_iotctl_stress_and_dlq_exit_codes(tmp_path):

@@ -22,7 +22,7 @@ def load_text(tmp_path: Path, text: str) -> config.Config:
 def test_shipped_file_loads_and_points_state_at_the_checkout():
     cfg = config.load(SHIPPED)
     assert cfg.paths.state_dir.resolve() == (ROOT / "var").resolve()
-    assert cfg.broker == config.BrokerConfig()
+    assert cfg.broker == config.BrokerConfig(acl_file=ROOT / "etc" / "iot" / "acl")  # the factory's rules
     assert cfg.mqtt == config.MqttConfig()
 
 
@@ -41,29 +41,40 @@ def test_shipped_file_documents_every_key_with_its_default():
             section = f"{m.group(1)}.{m.group(2)}"
         elif m := re.match(r"^#? ?(\w+) = (.+)$", line):
             seen[(section, m.group(1))] = m.group(2)
-    tables = {"tuple[ListenerConfig, ...]", "tuple[PlcDeviceConfig, ...]", "tuple[RegisterConfig, ...]"}
+    tables = {"tuple[ListenerConfig, ...]", "tuple[PlcDeviceConfig, ...]", "tuple[RegisterConfig, ...]",
+              "tuple[FactoryDeviceConfig, ...]", "tuple[SensorConfig, ...]", "tuple[RuleConfig, ...]"}
     for name, cls in config.SECTIONS.items():
         for f in dataclasses.fields(cls):
             assert (name, f.name) in seen, f"[{name}] {f.name} is not documented in {SHIPPED}"
-            if name == "paths" or str(f.type) in tables:
-                continue  # the checkout's file deliberately overrides state_dir; tables: below
+            if name == "paths" or (name, f.name) == ("broker", "acl_file") or str(f.type) in tables:
+                continue  # the checkout's file deliberately sets state_dir and acl_file; tables: below
             value = tomllib.loads(f"k = {seen[(name, f.name)]}")["k"]
             documented = getattr(config.parse({name: {f.name: value}}, SHIPPED), name)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             assert getattr(documented, f.name) == default, f"[{name}] {f.name} documents a wrong default"
     minimal = {"broker.listener": {"port": 8883}, "plc.device": {"name": "line1"},
-               "plc.device.register": {"name": "t", "address": 0}}
+               "plc.device.register": {"name": "t", "address": 0},
+               "factory.device": {"name": "m", "sensor": [{"name": "t"}]}, "factory.device.sensor": {"name": "t"},
+               "factory.rule": {}}
 
     def parse_table(label: str, table: dict):
         if label == "broker.listener":
             return config.parse({"broker": {"listener": [table]}}, SHIPPED).broker.listener[0]
         if label == "plc.device":
             return config.parse({"plc": {"device": [table]}}, SHIPPED).plc.device[0]
+        if label == "factory.device":
+            return config.parse({"factory": {"device": [table]}}, SHIPPED).factory.device[0]
+        if label == "factory.device.sensor":
+            return config.parse({"factory": {"device": [{"name": "m", "sensor": [table]}]}},
+                                SHIPPED).factory.device[0].sensor[0]
+        if label == "factory.rule":
+            return config.parse({"factory": {"rule": [table]}}, SHIPPED).factory.rule[0]
         dev = {"name": "p", "source": "modbus", "host": "h", "register": [table]}
         return config.parse({"plc": {"device": [dev]}}, SHIPPED).plc.device[0].register[0]
 
     for label, cls in (("broker.listener", config.ListenerConfig), ("plc.device", config.PlcDeviceConfig),
-                       ("plc.device.register", config.RegisterConfig)):
+                       ("plc.device.register", config.RegisterConfig), ("factory.device", config.FactoryDeviceConfig),
+                       ("factory.device.sensor", config.SensorConfig), ("factory.rule", config.RuleConfig)):
         for f in dataclasses.fields(cls):
             assert (label, f.name) in seen, f"[[{label}]] {f.name} is not documented in {SHIPPED}"
             if f.default in (dataclasses.MISSING, None) or str(f.type) in tables:

@@ -126,3 +126,31 @@ def test_the_retained_messages_it_holds_are_known_to_the_next_writer_too(tmp_pat
     with dlq.Remover(tmp_path) as rm:
         rm.remove([e.id for e in dlq.read_all(tmp_path).entries])
     assert not dlq.Writer(tmp_path).holds_retained("sensors/r", b"hello")  # purged: it may come back
+
+
+def test_size_counts_what_read_all_finds_and_reads_only_what_is_new(tmp_path):
+    size = dlq.Size(tmp_path)
+    assert size.count() == (0, 0)
+    w = dlq.Writer(tmp_path, segment_bytes=4096)
+    w.append(items(3))
+    assert size.count()[0] == 3
+    seg = next(tmp_path.glob("*.jsonl"))
+    with open(seg, "ab") as f:
+        f.write(b'{"id": "torn')  # a torn tail is not an entry
+    assert size.count() == (3, seg.stat().st_size)
+    with open(seg, "ab") as f:  # ... until its newline is there (reads on from where it stopped)
+        f.write(b'", "rest": 1}\n')
+    assert size.count()[0] == 4
+    w.close()
+    w = dlq.Writer(tmp_path, segment_bytes=4096)
+    for _ in range(6):  # more than one segment
+        w.append(items(10))
+    entries, total = size.count()
+    assert entries == 64 and total == sum(p.stat().st_size for p in dlq.segments(tmp_path))
+    assert len(dlq.segments(tmp_path)) > 2
+    w.close()
+    scan = dlq.read_all(tmp_path)
+    with dlq.Remover(tmp_path) as r:  # compaction rewrites segments: they are counted afresh
+        r.remove(e.id for e in scan.entries[:10])
+        assert size.count()[0] == 54  # removed, not yet compacted
+    assert size.count()[0] == len(dlq.read_all(tmp_path).entries) + dlq.read_all(tmp_path).corrupt == 54
