@@ -273,7 +273,11 @@ install_system() {
     local u on=1
     for u in "${FACTORY_UNITS[@]}"; do "${sc[@]}" is-enabled --quiet "$u" 2>/dev/null || on=0; done
     if [ $on -eq 1 ]; then say "already enabled"
-    else "${sc[@]}" enable --quiet "${FACTORY_UNITS[@]}"; say "enabled ${FACTORY_UNITS[*]}"; CHANGED=1; fi
+    else
+      "${sc[@]}" enable --quiet "${FACTORY_UNITS[@]}"; say "enabled ${FACTORY_UNITS[*]}"; CHANGED=1
+      # Added to a running set: start them now (a fresh install starts them with iot.target).
+      if live_systemd && systemctl is-active --quiet iot.target; then systemctl start "${FACTORY_UNITS[@]}"; fi
+    fi
     systemd_instances iot-device "$(configured_devices)" "factory device units ([factory] processes in $ETC/iot.toml)"
   fi
 

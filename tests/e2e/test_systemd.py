@@ -405,6 +405,46 @@ def test_install_start_and_operate_as_the_readme_says(container):
     assert {u: main_pid(c, u) for u in UNITS} == pids
 
 
+FACTORY_UNITS = ("iot-device@all", "iot-controller", "iot-observer", "iot-dashboard")
+NODE_VIEW = r"""
+import json, sys, time
+from websockets.sync.client import connect
+with connect("ws://127.0.0.1:8080/ws", origin="http://127.0.0.1:8080", open_timeout=30) as ws:
+    end = time.time() + 60
+    while time.time() < end:
+        for ev in json.loads(ws.recv(timeout=60)):
+            node = ev.get("node") if "node" in ev else (ev if ev.get("t") == "node" else None)
+            rows = (node or {}).get("daemons", {}).get("rows")
+            if rows:
+                print(json.dumps(rows))
+                sys.exit(0)
+sys.exit("no Node view in 60 s")
+"""
+
+
+def test_factory_install_runs_under_the_acl_and_its_dashboard_sees_the_node(container):
+    """install.sh --factory: the factory's units start, the broker's ACL holds against the bad
+    actor, and the dashboard's Node view (systemctl from inside its sandbox) lists every unit."""
+    c = container
+    out = c.sh("cd /root/iot-daemons && ./install.sh --wheelhouse /wheels --factory --start").stdout
+    assert "enabled iot-device@all" in out, out
+    for u in FACTORY_UNITS:
+        wait_active(c, u)
+    r = c.sh("/opt/iot/bin/iotctl bad-actor", check=False)
+    assert r.returncode == 0 and "every attempt was refused" in r.stdout, r.stdout + r.stderr
+    assert "denied PUBLISH from bad-actor" in c.sh("journalctl -u iot-broker --no-pager -o cat").stdout
+    wait_for(lambda: "factory/telemetry/press/temperature q0" in
+             c.sh("journalctl -u iot-observer --no-pager -o cat").stdout, 60, interval=0.5, what="the observer's lines")
+    c.sh(f"cat > /root/node_view.py <<'EOF'\n{NODE_VIEW}\nEOF")
+    rows = json.loads(c.sh("/opt/iot/bin/python /root/node_view.py").stdout)
+    states = {r["name"]: r["state"] for r in rows}
+    assert all(states.get(u) == "active/running" for u in (*UNITS, *FACTORY_UNITS)), states
+    st = c.sh("/opt/iot/bin/iotctl status").stdout
+    assert st.count("active/running") == len(UNITS) + len(FACTORY_UNITS), st
+    again = c.sh("cd /root/iot-daemons && ./install.sh --wheelhouse /wheels --factory --start").stdout
+    assert "nothing changed" in again, again
+
+
 def test_kill_9_of_a_main_pid_brings_the_daemon_back(container):
     c = container
     pid, restarts = main_pid(c, "iot-broker"), n_restarts(c, "iot-broker")
