@@ -1,4 +1,4 @@
-"""IOT_<SECTION>_<KEY> environment variables over the config file."""
+"""IOT_<SECTION>_<KEY> environment variables over the config file, and `iotctl config show`."""
 
 import dataclasses
 import re
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons import config
+from daemons import config, configcli
 from tests.support import ROOT
 
 
@@ -194,3 +194,72 @@ def test_a_reload_with_the_same_environment_reports_only_what_the_file_changed(t
     after = load(tmp_path, "[broker]\nmax_connections = 20\nmax_queued_messages = 5\n", **env)
     assert after.broker.max_connections == 100
     assert config.changed_keys(before, after) == ["[broker] max_queued_messages"]
+
+
+# -- iotctl config show ----------------------------------------------------------------------
+
+def _sources(text: str) -> dict[str, str]:
+    """"[section] key" -> the comment after it, from show's output."""
+    out, section = {}, None
+    for line in text.splitlines():
+        if m := re.match(r"^\[(\w+)\]$", line):
+            section = m.group(1)
+        elif m := re.match(r"^\[\[", line):
+            section = None
+        elif section and (m := re.match(r"^(\w+) = .*?  # (.+)$", line)):
+            out[f"[{section}] {m.group(1)}"] = m.group(2)
+    return out
+
+
+def test_show_names_the_source_of_every_key(tmp_path):
+    cfg = load(tmp_path, "[broker]\nport = 1001\n", IOT_MQTT_HOST="broker.lan")
+    text = configcli.render(cfg)
+    sources = _sources(text)
+    expected = {f"[{s}] {f.name}" for s, cls in config.SECTIONS.items() for f in dataclasses.fields(cls)
+                if not (config.is_tables(f) and getattr(getattr(cfg, s), f.name))}
+    assert set(sources) == expected
+    assert sources["[broker] port"] == "file"
+    assert sources["[mqtt] host"] == "environment IOT_MQTT_HOST"
+    assert sources["[mqtt] port"] == "default"
+    assert "[[factory.device]]  # default" in text.splitlines()
+    assert str(tmp_path / "iot.toml") in text.splitlines()[0]
+
+
+def test_show_writes_toml_that_loads_back_into_the_same_configuration(tmp_path):
+    for name in ("server.crt", "server.key"):
+        (tmp_path / name).write_text("PEM\n")
+    cfg = load(tmp_path, '[broker]\nlog_type = ["all"]\n[[broker.listener]]\nport = 8883\ncertfile = "server.crt"\n'
+                         'keyfile = "server.key"\n[[plc.device]]\nname = "p1"\nsource = "modbus"\nhost = "h"\n'
+                         '[[plc.device.register]]\nname = "t"\naddress = 3\nscale = 0.1\n'
+                         '[[plc.device]]\nname = "p2"\n',
+               IOT_MQTT_CLIENT_ID_PREFIX='odd "name" \\ \t\x7f', IOT_BROKER_MAX_INFLIGHT_PER_CLIENT='{"a.b" = 3}',
+               IOT_TRANSFER_SETTLE_TIME="1e-3", IOT_FACTORY_CONTROLLER_SESSION="clean")
+    back = config.parse(tomllib.loads(configcli.render(cfg)), tmp_path / "shown.toml")
+    for name in config.SECTIONS:
+        assert getattr(back, name) == getattr(cfg, name), name
+
+
+def test_show_masks_secrets_and_never_reads_password_files(tmp_path):
+    pw = tmp_path / "mqtt.password"
+    pw.write_text("file-secret\n")
+    pw.chmod(0)  # unreadable: show must not need it
+    cfg = load(tmp_path, f'[mqtt]\npassword = "toml-secret"\npassword_file = "{pw}"\n',
+               IOT_INGEST_MYSQL_PASSWORD="env-secret", IOT_FACTORY_DASHBOARD_PASSWORD_FILE=str(pw))
+    text = configcli.render(cfg)
+    for secret in ("toml-secret", "env-secret", "file-secret"):
+        assert secret not in text
+    lines = text.splitlines()
+    assert any(re.fullmatch(r'password = "\*\*\*\*" +# file', line) for line in lines), text
+    assert any(re.fullmatch(r'mysql_password = "\*\*\*\*" +# environment IOT_INGEST_MYSQL_PASSWORD', line)
+               for line in lines), text
+    assert f'password_file = "{pw}"' in text and f'dashboard_password_file = "{pw}"' in text
+    # An empty secret is shown empty: whether one is set is not a secret.
+    assert re.search(r'^username = "" ', text, re.M) and not re.search(r'^mysql_user = "\*', text, re.M)
+
+
+def test_every_secret_looking_key_is_marked_secret():
+    for cls in (*config.SECTIONS.values(), config.ListenerConfig, config.PlcDeviceConfig, config.RegisterConfig,
+                config.FactoryDeviceConfig, config.SensorConfig, config.RuleConfig):
+        for f in dataclasses.fields(cls):
+            if str(f.type) == "str" and re.search(r"password|secret|token|passphrase", f.name):
+                assert f.metadata.get("secret"), f"{cls.__name__}.{f.name} would be shown by iotctl config show"
