@@ -656,7 +656,8 @@ def _convert(f: dataclasses.Field, value: Any, key: str, path: Path | str | None
         lo, hi = f.metadata.get("range", (None, None))
         what = "an integer" if kind == "int" else "a number"
         bounds = f" from {lo} to {hi}" if lo is not None and hi is not None else ""
-        if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
+        # nan passes every comparison: a timeout of nan would be a timeout of never.
+        if not ok or value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
             raise ConfigError(path, key, f"expected {what}{bounds}, got {value!r}")
         return float(value) if kind == "float" else value
     if kind in ("str", "Path"):

@@ -67,6 +67,7 @@ def test_each_kind_of_key_takes_its_value_from_the_environment(tmp_path, var, te
     ("IOT_BROKER_PORT", "1\nmax_connections = 2", "[broker] port", r"got '1\nmax_connections = 2'"),
     ("IOT_BROKER_CONNECT_TIMEOUT", "soon", "[broker] connect_timeout", "expected a number"),
     ("IOT_BROKER_CONNECT_TIMEOUT", "-1", "[broker] connect_timeout", "from 0.1 to 3600, got -1"),
+    ("IOT_INGEST_BATCH_WAIT", "nan", "[ingest] batch_wait", "from 0.001 to 60, got nan"),
     ("IOT_BROKER_ALLOW_ANONYMOUS", "yes", "[broker] allow_anonymous", "expected true or false, got 'yes'"),
     ("IOT_BROKER_ALLOW_ANONYMOUS", "1", "[broker] allow_anonymous", "expected true or false, got 1"),
     ("IOT_LOG_LEVEL", "loud", "[log] level", "expected one of debug, info, warning, error, got 'loud'"),
