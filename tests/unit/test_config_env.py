@@ -148,6 +148,17 @@ def test_precedence_is_default_then_file_then_environment(tmp_path):
     assert cfg.origin("[broker] max_connections") == cfg.origin("[broker] host") == tmp_path / "iot.toml"
 
 
+def test_a_check_a_daemon_makes_after_loading_names_the_variable(tmp_path):
+    from daemons.factory.dashboard.server import check_access  # noqa: PLC0415 - imports aiohttp
+
+    with pytest.raises(config.ConfigError) as e:
+        check_access(load(tmp_path, IOT_FACTORY_DASHBOARD_HOST="0.0.0.0"))
+    assert str(e.value).startswith("environment IOT_FACTORY_DASHBOARD_HOST: [factory] dashboard_host: ")
+    with pytest.raises(config.ConfigError) as e:
+        check_access(load(tmp_path, '[factory]\ndashboard_host = "0.0.0.0"\n'))
+    assert str(e.value).startswith(f"{tmp_path / 'iot.toml'}: [factory] dashboard_host: ")
+
+
 def test_the_file_is_still_checked_where_the_environment_overrides_it(tmp_path):
     with pytest.raises(config.ConfigError, match=r"iot.toml: \[broker\] port: expected an integer"):
         load(tmp_path, "[broker]\nport = \"x\"\n", IOT_BROKER_PORT="1884")
