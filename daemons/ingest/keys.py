@@ -236,6 +236,7 @@ def new_secret() -> str:
 
 def new_key(kind: Kind, key_id: str, rsa_bits: int = 2048) -> tuple[str, str]:
     """(the sender's key line, the keys-file line) for a fresh key."""
+    kind = Kind(kind)
     if not KEY_ID_RE.fullmatch(key_id):
         raise KeysError(f"key id {key_id!r} must be 1-32 of A-Z a-z 0-9 _ . -")
     if kind in (Kind.HMAC, Kind.AES):
