@@ -1,8 +1,9 @@
 """`iotctl dlq list|show|replay|purge`, `iotctl stress` (seed 004's stress tester) and
 `iotctl keys new` (a key for a sender, and its line for the keys file).
 
-Exit codes: 0 done; 1 not everything landed (replay) or not every message acknowledged
-(stress); 64 bad usage; 69 database or broker unavailable; 78 bad config or keys file.
+Exit codes: 0 done; 1 not everything landed (replay), not every message acknowledged
+(stress), or the key file exists or cannot be written (keys new); 64 bad usage; 69 database
+or broker unavailable; 78 bad config, keys file or sender's key file.
 """
 
 from __future__ import annotations

@@ -284,7 +284,7 @@ class Verifier:
         kind = self._kinds.get(kid)
         if kind is None:
             return Rejected(Reason.UNKNOWN_KEY, f"key id {name!r} is not in the keys file")
-        return Rejected(Reason.WRONG_KEY_KIND, f"{tag.decode()} needs a {TAG_KIND[tag]} key; {name!r} is {kind}")
+        return Rejected(Reason.WRONG_KEY_KIND, f"{tag.decode()} needs an {TAG_KIND[tag]} key; {name!r} is {kind}")
 
     def _s1(self, kid: bytes, sig: bytes, body: bytes) -> tuple[str, bytes]:
         base = self._hmac.get(kid)
