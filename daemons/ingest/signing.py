@@ -203,14 +203,14 @@ class Encryptor:
 def make_sender(keys: Sequence[SenderKey]) -> Callable[[bytes], bytes]:
     """body -> payload for a sender holding these keys: at most one signing key (hmac, ed25519
     or rsa) and at most one AES key; with both, the body is signed, then encrypted."""
-    signing = [k for k in keys if k.kind is not Kind.AES]
-    aes = [k for k in keys if k.kind is Kind.AES]
+    signing = [k for k in keys if k.kind != Kind.AES]  # == not is: a plain "aes" string counts too
+    aes = [k for k in keys if k.kind == Kind.AES]
     if not keys or len(signing) > 1 or len(aes) > 1:
         raise KeysError("give one signing key (hmac, ed25519 or rsa), one aes key, or one of each")
     sign = None
     if signing:
         k = signing[0]
-        sign = Signer(k.key_id, k.entry).sign if k.kind is Kind.HMAC else KeyPairSigner(k.key_id, k.entry).sign
+        sign = Signer(k.key_id, k.entry).sign if k.kind == Kind.HMAC else KeyPairSigner(k.key_id, k.entry).sign
     if not aes:
         return sign
     seal = Encryptor(aes[0].key_id, aes[0].entry).seal
