@@ -57,6 +57,7 @@ RESERVED = {
     "IOT_CONFIG": "the config file's path (see find())",
     "IOT_BROKER_FAILPOINT": "a crash point for the broker store's tests (broker/server.py)",
     "IOT_PAHO_STOCK": "1 = paho-mqtt without our receive tuning (mqtttune.py)",
+    "IOT_WRITE_VECTORS": "1 = the ingest test vectors in docs/PROTOCOL.md are written anew (tests)",
 }
 
 
@@ -271,7 +272,7 @@ class IngestConfig:
 
     # Topic filters subscribed at QoS 1 with the fixed client id "<client_id_prefix>-ingest".
     topics: tuple[str, ...] = ("sensors/#",)
-    # Keys file ("<key id> <hex secret>" per line, mode 0600); "" = ingest.keys beside this file.
+    # Keys file (one key per line: HMAC, Ed25519, RSA or AES; mode 0600); "" = ingest.keys beside this file.
     keys_file: Path | None = None
     # Largest payload accepted, in bytes; larger ones go to the DLQ as "oversized".
     max_payload: int = field(default=65536, metadata=_range(256, 268_435_455))

@@ -308,7 +308,7 @@ def serve(svc: Service) -> None:
     cfg = svc.config
     ic = cfg.ingest
     if ic.max_unacked < ic.batch_size:
-        raise ConfigError(cfg.source, "[ingest] max_unacked", f"must be at least batch_size ({ic.batch_size}), "
+        raise ConfigError(cfg.origin("[ingest] max_unacked"), "[ingest] max_unacked", f"must be at least batch_size ({ic.batch_size}), "
                                                                f"got {ic.max_unacked}")
     kp = keys_path(cfg)
     try:
