@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import cpu_seconds, load_average, machine, write_section  # noqa: E402
+from daemons.ingest.keys import Kind, new_key, write_sender_key  # noqa: E402
 from daemons.ingest.sinks import SqliteSink  # noqa: E402
 from tests.mariadb import MariaDB  # noqa: E402
 from tests.support import free_port, port_open, wait_for  # noqa: E402
@@ -83,8 +84,12 @@ class SqliteDb:
 
 
 class Run:
-    def __init__(self, args, work: Path, db: MariaDB, broker: str, mode: str):
+    def __init__(self, args, work: Path, db: MariaDB, broker: str, mode: str, sender: str = "hmac"):
+        """`sender`: the keys the load signs/encrypts with, "hmac" (the keys file's secret, s1),
+        or kinds joined by "+" ("ed25519", "ed25519+aes", ...), each made by `iotctl keys new`'s code."""
         self.args, self.work, self.db, self.broker, self.mode = args, work, db, broker, mode
+        self.sender = sender
+        self.key_args: list[str] = []
         self.dir = Path(tempfile.mkdtemp(prefix=f"{broker.replace(':', '-')}-{mode}-", dir=work))
         self.sqlite = args.backend == "sqlite"
         self.database = (str(self.dir / "var" / "db" / "ingest.db") if self.sqlite
@@ -147,7 +152,14 @@ class Run:
 
     def write_config(self) -> Path:
         keys = self.dir / "ingest.keys"
-        keys.write_text(f"bench {os.urandom(32).hex()}\n")
+        lines = [f"bench {os.urandom(32).hex()}"]
+        if self.sender != "hmac":
+            for kind in self.sender.split("+"):
+                sender_line, node_line = new_key(Kind(kind), f"bench-{kind}")
+                write_sender_key(self.dir / f"{kind}.key", sender_line, Kind(kind))
+                lines.append(node_line)
+                self.key_args += ["--key", str(self.dir / f"{kind}.key")]
+        keys.write_text("\n".join(lines) + "\n")
         os.chmod(keys, 0o600)
         cfg = self.dir / "iot.toml"
         cfg.write_text(
@@ -196,10 +208,10 @@ class Run:
         db_cpu0 = cpu_seconds(self.db.proc.pid) if self.db.proc else 0.0
         self.load = load_average()
         if a.generator == "stress":
-            gen = [str(BIN / "iotctl"), "stress", "--config", str(self.config)]
+            gen = [str(BIN / "iotctl"), "stress", "--config", str(self.config)] + self.key_args
         else:  # same messages, raw sockets: see benchmarks/ingest_load.py
-            gen = [sys.executable, str(ROOT / "benchmarks/ingest_load.py"), "--port", str(self.port),
-                   "--keys", str(self.dir / "ingest.keys")]
+            gen = [sys.executable, str(ROOT / "benchmarks/ingest_load.py"), "--port", str(self.port)] + (
+                self.key_args or ["--keys", str(self.dir / "ingest.keys")])
         load = subprocess.Popen(
             ([ "nice", "-n", str(a.nice_load)] if a.nice_load else [])
             + gen + ["--messages", str(a.messages), "--processes", str(a.processes), "--topic", TOPIC,

@@ -9,6 +9,7 @@ that CPU to the pipeline being measured. A benchmark tool, not a client of the p
 product's clients go through paho (DESIGN.md).
 
     .venv/bin/python benchmarks/ingest_load.py --port 1883 --keys etc/iot/ingest.keys --messages 100000
+    .venv/bin/python benchmarks/ingest_load.py --port 1883 --key dev-7.key [--key aes-1.key] ...
 """
 
 from __future__ import annotations
@@ -28,17 +29,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from daemons.broker.packets import Connect, encode, encode_publish  # noqa: E402
-from daemons.ingest.signing import Signer, encode_body, load_keys  # noqa: E402
+from daemons.ingest.keys import Kind, SenderKey, load_sender_key  # noqa: E402
+from daemons.ingest.signing import encode_body, load_keys, make_sender  # noqa: E402
 
 BATCH = 500
 
 
-def child(i: int, count: int, args, key: tuple[str, bytes], run: str, barrier, results) -> None:
+def child(i: int, count: int, args, keys: list[SenderKey], run: str, barrier, results) -> None:
     sent = acked = 0
     first = last = 0.0
     err = ""
     try:
-        sign = Signer(*key).sign
+        sign = make_sender(keys)
         s = socket.create_connection((args.host, args.port), timeout=10)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.sendall(encode(Connect(f"load-{run}-{i}"[:64], keep_alive=600)))
@@ -87,8 +89,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--keys", required=True, help="keys file; signs with its first key unless --key-id")
+    ap.add_argument("--keys", help="keys file; signs with its first key (an HMAC key) unless --key-id")
     ap.add_argument("--key-id")
+    ap.add_argument("--key", action="append", metavar="FILE",
+                    help="instead of --keys: a sender's key file (iotctl keys new), as `iotctl stress --key`")
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--processes", type=int, default=4)
     ap.add_argument("--topic", default="sensors/live/stress_test")
@@ -99,12 +103,18 @@ def main() -> int:
     args = ap.parse_args()
     if not 1 <= args.window < 65535:
         ap.error("--window must be 1-65534")
-    keys = load_keys(Path(args.keys))
-    kid = args.key_id or next(iter(keys))
+    if args.key:
+        sender = [load_sender_key(Path(f)) for f in args.key]
+    elif args.keys:
+        keys = load_keys(Path(args.keys))
+        kid = args.key_id or next(iter(keys))
+        sender = [SenderKey(kid, Kind.HMAC, keys[kid])]
+    else:
+        ap.error("give --keys or --key")
     ctx = multiprocessing.get_context("fork")
     barrier, results = ctx.Barrier(args.processes), ctx.Queue()
     per, extra = divmod(args.messages, args.processes)
-    procs = [ctx.Process(target=child, args=(i, per + (1 if i < extra else 0), args, (kid, keys[kid]),
+    procs = [ctx.Process(target=child, args=(i, per + (1 if i < extra else 0), args, sender,
                                              args.run_id, barrier, results)) for i in range(args.processes)]
     for p in procs:
         p.start()

@@ -11,6 +11,30 @@ Where the file is: `--config`, else `$IOT_CONFIG`, else `etc/iot/iot.toml` in th
 this package runs from, else `/etc/iot/iot.toml`. A path named by the user must exist; when
 the search finds nothing, the built-in defaults apply. Relative paths inside the file are
 resolved against the file's folder, so a checkout's file can say `state_dir = "../../var"`.
+
+The environment overrides the file, key by key, as container users expect: `IOT_<SECTION>_<KEY>`
+in upper case sets `[section] key`. No section name has an underscore, so the first one after
+`IOT_` ends the section: IOT_INGEST_BATCH_SIZE is [ingest] batch_size. Precedence is default <
+file < environment; a daemon's own flags (iot-broker --port, iot-controller --session, -v) are
+applied after this by that daemon. How a variable's string becomes a value:
+
+- a str or Path key takes the string as it is, so IOT_MQTT_HOST=broker.lan needs no quotes and
+  a password "12345" or "true" stays that string; "" unsets an optional path, as in the file;
+- any other key takes it as a TOML value: 8883, 2.5, true, ["sensors/#", "lab/#"], and for a
+  table-valued key an inline table, {"*-ingest" = 5000}. A string that is no TOML value is
+  checked as that string, so the error shows what was given ("got 'x'").
+
+Relative paths from the environment resolve against the current directory, not the file's
+folder: whoever sets a variable writes it relative to where the command runs (a shell, a
+container's WORKDIR), and need not know which file the search found, or whether there is one.
+
+Arrays of tables ([[broker.listener]], [[plc.device]], [[factory.device]], [[factory.rule]]) have
+no environment spelling; IOT_PLC_DEVICE is an error, not ignored. Any other IOT_ variable that
+names no key is an error too, since a typo must not pass silently, except those in RESERVED,
+which the project uses for other things. Errors name the variable the way file errors name the
+file: "environment IOT_BROKER_PORT: [broker] port: expected an integer from 1 to 65535, got 'x'".
+The loaded Config records where each key came from (`origins`) for `iotctl config show` and for
+errors found later by a daemon (`Config.origin`).
 """
 
 from __future__ import annotations
@@ -19,6 +43,7 @@ import dataclasses
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +51,14 @@ from typing import Any
 EX_CONFIG = 78
 SYSTEM_CONFIG = Path("/etc/iot/iot.toml")
 CHECKOUT_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "iot" / "iot.toml"
+ENV_PREFIX = "IOT_"
+# IOT_ variables that are not config keys, and why they exist; never a key's name.
+RESERVED = {
+    "IOT_CONFIG": "the config file's path (see find())",
+    "IOT_BROKER_FAILPOINT": "a crash point for the broker store's tests (broker/server.py)",
+    "IOT_PAHO_STOCK": "1 = paho-mqtt without our receive tuning (mqtttune.py)",
+    "IOT_WRITE_VECTORS": "1 = the ingest test vectors in docs/PROTOCOL.md are written anew (tests)",
+}
 
 
 class ConfigError(Exception):
@@ -83,7 +116,7 @@ class MqttConfig:
     port: int = field(default=1883, metadata=_range(1, 65535))
     client_id_prefix: str = "iot"
     username: str = ""
-    password: str = ""
+    password: str = field(default="", metadata={"secret": True})
     # A file holding the password (first line), so the password need not sit in iot.toml.
     password_file: Path | None = None
     # TLS is on when cafile is set; certfile/keyfile add a client certificate.
@@ -242,7 +275,7 @@ class IngestConfig:
 
     # Topic filters subscribed at QoS 1 with the fixed client id "<client_id_prefix>-ingest".
     topics: tuple[str, ...] = ("sensors/#",)
-    # Keys file ("<key id> <hex secret>" per line, mode 0600); "" = ingest.keys beside this file.
+    # Keys file (one key per line: HMAC, Ed25519, RSA or AES; mode 0600); "" = ingest.keys beside this file.
     keys_file: Path | None = None
     # Largest payload accepted, in bytes; larger ones go to the DLQ as "oversized".
     max_payload: int = field(default=65536, metadata=_range(256, 268_435_455))
@@ -270,7 +303,7 @@ class IngestConfig:
     # A unix socket instead of host/port ("" = TCP).
     mysql_socket: Path | None = None
     mysql_user: str = "iot"
-    mysql_password: str = ""
+    mysql_password: str = field(default="", metadata={"secret": True})
     # A file whose first line is the password (keeps it out of this file); "" = unset.
     mysql_password_file: Path | None = None
     mysql_database: str = "iot"
@@ -458,55 +491,139 @@ class Config:
     plc: PlcConfig = PlcConfig()
     dbsub: DbsubConfig = DbsubConfig()
     factory: FactoryConfig = FactoryConfig()
+    # "[section] key" -> "file" or "environment IOT_SECTION_KEY"; a key not here has its default.
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def origin(self, key: str) -> Path | str | None:
+        """What an error about `key` ("[section] key") found after loading should name: the
+        variable that set it, else the file (ConfigError's first argument)."""
+        where = self.origins.get(key, "")
+        return where if where.startswith("environment") else self.source
 
 
-def find(explicit: str | os.PathLike | None = None) -> Path | None:
+def find(explicit: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Path | None:
     """The file to read; one the user named is returned even if missing, so load() says so."""
+    environ = os.environ if environ is None else environ
     if explicit:
         return Path(explicit)
-    if os.environ.get("IOT_CONFIG"):
-        return Path(os.environ["IOT_CONFIG"])
+    if environ.get("IOT_CONFIG"):
+        return Path(environ["IOT_CONFIG"])
     for candidate in (CHECKOUT_CONFIG, SYSTEM_CONFIG):
         if candidate.is_file():
             return candidate
     return None
 
 
-def load(explicit: str | os.PathLike | None = None) -> Config:
-    path = find(explicit)
-    if path is None:
-        return Config()
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(path, "", "no such file") from None
-    except OSError as e:
-        raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(path, "", f"invalid TOML: {e}") from None
-    return parse(raw, path)
+def load(explicit: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """The file (see find()) with the IOT_ variables of `environ` (default: this process's) over it."""
+    environ = os.environ if environ is None else environ
+    path = find(explicit, environ)
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(path, "", "no such file") from None
+        except OSError as e:
+            raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(path, "", f"invalid TOML: {e}") from None
+    return parse(raw, path, environ)
 
 
-def parse(raw: dict[str, Any], path: Path | None) -> Config:
+def parse(raw: dict[str, Any], path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """`raw` (a TOML document read from `path`) with the IOT_ variables of `environ` over it.
+    Without `environ`, none: callers other than load() pass the whole configuration."""
     base = path.resolve().parent if path else Path.cwd()
-    sections: dict[str, Any] = {}
     for name, table in raw.items():
-        cls = SECTIONS.get(name)
-        if cls is None:
+        if name not in SECTIONS:
             raise ConfigError(path, f"[{name}]", f"unknown section (expected one of {', '.join(SECTIONS)})")
         if not isinstance(table, dict):
             raise ConfigError(path, name, "expected a [section] table")
-        sections[name] = _section(cls, name, table, path, base)
-    return Config(source=path, **sections)
+    overrides = environment_overrides(environ or {})
+    sections: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for name, cls in SECTIONS.items():
+        table, env = raw.get(name, {}), overrides.get(name, {})
+        if not table and not env:
+            continue
+        values = _values(cls, f"[{name}]", table, path, base)
+        origins.update((f"[{name}] {key}", "file") for key in table)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, (var, text) in env.items():
+            f, value = fields[key], _from_environment(fields[key], text)
+            try:
+                values[key] = _convert(f, value, f"[{name}] {key}", f"environment {var}", Path.cwd())
+            except ConfigError as e:
+                # IOT_INGEST_TOPICS=sensors/# is the likely slip: say how a list is written.
+                hint = _TOML_EXAMPLES.get(str(f.type))
+                if hint is None or not isinstance(value, str):
+                    raise
+                raise ConfigError(e.path, e.key, f"{e.problem} (write it in TOML: {hint})") from None
+            origins[f"[{name}] {key}"] = f"environment {var}"
+        sections[name] = cls(**values)
+    return Config(source=path, origins=origins, **sections)
 
 
-def _section(cls: type, name: str, table: dict[str, Any], path: Path | None, base: Path) -> Any:
-    return _table(cls, f"[{name}]", table, path, base)
+def is_tables(f: dataclasses.Field) -> bool:
+    """An array of tables, `[[section.key]]`: its type is a tuple of a *Config class."""
+    kind = str(f.type)
+    return kind.startswith("tuple[") and kind.endswith("Config, ...]")
+
+
+def env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section}_{key}".upper()
+
+
+def environment_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, tuple[str, str]]]:
+    """{section: {key: (variable, text)}} for every IOT_ variable of `environ` but RESERVED;
+    one that names no key, or an array of tables, raises ConfigError."""
+    out: dict[str, dict[str, tuple[str, str]]] = {}
+    for var, text in environ.items():
+        if not var.startswith(ENV_PREFIX) or var in RESERVED:
+            continue
+        where = f"environment {var}"
+        section, _, key = var[len(ENV_PREFIX):].lower().partition("_")
+        cls = SECTIONS.get(section)
+        if cls is None:
+            raise ConfigError(where, "", f"names no setting: expected {ENV_PREFIX}<SECTION>_<KEY> with a section "
+                                         f"of {', '.join(s.upper() for s in SECTIONS)}, or one of the reserved "
+                                         f"{', '.join(RESERVED)}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        f = fields.get(key)
+        if f is None:
+            raise ConfigError(where, f"[{section}] {key}", f"unknown key (expected one of {', '.join(fields)})")
+        if var != env_name(section, key):
+            raise ConfigError(where, f"[{section}] {key}", f"variable names are upper case: {env_name(section, key)}")
+        if is_tables(f):
+            raise ConfigError(where, f"[{section}] {key}", f"[[{section}.{key}]] tables cannot be set from the "
+                                                          "environment; set them in the file")
+        out.setdefault(section, {})[key] = (var, text)
+    return out
+
+
+_TOML_EXAMPLES = {"tuple[str, ...]": '["a", "b"]', "dict[str, int]": '{"name" = 1}'}
+
+
+def _from_environment(f: dataclasses.Field, text: str) -> Any:
+    """A variable's string as the value a TOML file would hold for `f` (see the top)."""
+    if str(f.type).removesuffix(" | None") in ("str", "Path"):
+        return text
+    try:
+        doc = tomllib.loads(f"value = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    # "1\nother = 2" is TOML too, but not one value.
+    return doc["value"] if len(doc) == 1 else text
 
 
 def _table(cls: type, label: str, table: dict[str, Any], path: Path | None, base: Path) -> Any:
-    """One table into `cls`: every key converted and checked, required keys present."""
+    return cls(**_values(cls, label, table, path, base))
+
+
+def _values(cls: type, label: str, table: dict[str, Any], path: Path | None, base: Path) -> dict[str, Any]:
+    """One table's values for `cls`: every key converted and checked, required keys present."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in table.items():
@@ -517,7 +634,7 @@ def _table(cls: type, label: str, table: dict[str, Any], path: Path | None, base
     for f in fields.values():
         if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(path, f"{label} {f.name}", f"missing: {f.metadata.get('required', 'required')}")
-    return cls(**values)
+    return values
 
 
 def _tables(cls: type, label: str, value: Any, path: Path | None, base: Path) -> list[Any]:
@@ -527,7 +644,7 @@ def _tables(cls: type, label: str, value: Any, path: Path | None, base: Path) ->
     return [_table(cls, f"{label} #{i}", t, path, base) for i, t in enumerate(value, 1)]
 
 
-def _convert(f: dataclasses.Field, value: Any, key: str, path: Path | None, base: Path) -> Any:
+def _convert(f: dataclasses.Field, value: Any, key: str, path: Path | str | None, base: Path) -> Any:
     kind = str(f.type)  # annotations are strings here (from __future__ import annotations)
     optional = kind.endswith("| None")
     kind = kind.removesuffix(" | None")
@@ -543,7 +660,8 @@ def _convert(f: dataclasses.Field, value: Any, key: str, path: Path | None, base
         lo, hi = f.metadata.get("range", (None, None))
         what = "an integer" if kind == "int" else "a number"
         bounds = f" from {lo} to {hi}" if lo is not None and hi is not None else ""
-        if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
+        # nan passes every comparison: a timeout of nan would be a timeout of never.
+        if not ok or value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
             raise ConfigError(path, key, f"expected {what}{bounds}, got {value!r}")
         return float(value) if kind == "float" else value
     if kind in ("str", "Path"):

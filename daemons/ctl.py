@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     plc_commands(sub)
     from .factory.cli import add_commands as factory_commands  # noqa: PLC0415 - `bad-actor`
     factory_commands(sub)
+    from .configcli import add_commands as config_commands  # noqa: PLC0415 - `config show`
+    config_commands(sub)
     return parser
 
 

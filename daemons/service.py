@@ -216,7 +216,9 @@ class Service:
     def _do_reload(self) -> None:
         """SIGHUP: read the config file again. `[log] level` takes effect at once; the daemon's
         `on_reload(new_config)`, if it has one, applies what it can; every other changed key is
-        named as waiting for a restart. A file that does not load keeps everything as it was."""
+        named as waiting for a restart. A file that does not load keeps everything as it was.
+        The IOT_ environment variables apply again over the new file: a process's environment
+        does not change, so a key they set keeps its value, whatever the file now says."""
         self.notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
         try:
             new = configmod.load(self.args.config)

@@ -1,7 +1,9 @@
-"""`iotctl dlq list|show|replay|purge` and `iotctl stress` (seed 004's stress tester).
+"""`iotctl dlq list|show|replay|purge`, `iotctl stress` (seed 004's stress tester) and
+`iotctl keys new` (a key for a sender, and its line for the keys file).
 
-Exit codes: 0 done; 1 not everything landed (replay) or not every message acknowledged
-(stress); 64 bad usage; 69 database or broker unavailable; 78 bad config or keys file.
+Exit codes: 0 done; 1 not everything landed (replay), not every message acknowledged
+(stress), or the key file exists or cannot be written (keys new); 64 bad usage; 69 database
+or broker unavailable; 78 bad config, keys file or sender's key file.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from ..mqttclient import MqttClient
 from ..service import Log
 from . import dlq as dlqmod
 from .. import mqtttune
-from .signing import KeysError, Rejected, Signer, Verifier, encode_body, load_keys
+from .keys import RSA_BITS, Kind, SenderKey, load_sender_key, new_key, write_sender_key
+from .signing import KeysError, Rejected, Verifier, encode_body, load_keys, make_sender
 from .sinks import SchemaTooNew, Unavailable, open_sink
 from .worker import GC_THRESHOLD, dlq_path, keys_path, to_row
 
@@ -81,7 +84,9 @@ def cmd_show(args: argparse.Namespace, log: Log) -> int:
 def cmd_replay(args: argparse.Namespace, log: Log) -> int:
     cfg = configmod.load(args.config)
     try:
-        verifier = Verifier(load_keys(keys_path(cfg)), cfg.ingest.max_payload)
+        # No nonce tripwire: an entry refused as nonce-reused is replayed because the operator
+        # chose to land it, and its twin may be in the same run.
+        verifier = Verifier(load_keys(keys_path(cfg)), cfg.ingest.max_payload, track_nonces=False)
     except KeysError as e:
         print(f"iotctl dlq replay: {e}", file=sys.stderr)
         return EX_CONFIG
@@ -140,7 +145,7 @@ def cmd_purge(args: argparse.Namespace, log: Log) -> int:
 # -- stress ----------------------------------------------------------------------------------------
 
 
-def _stress_child(i: int, count: int, args: argparse.Namespace, mqtt: MqttConfig, signer_key: tuple[str, bytes],
+def _stress_child(i: int, count: int, args: argparse.Namespace, mqtt: MqttConfig, sender_keys: list[SenderKey],
                   run: str, barrier, results) -> None:
     """One publishing process: its own connection, its own window of unacknowledged messages.
 
@@ -151,7 +156,7 @@ def _stress_child(i: int, count: int, args: argparse.Namespace, mqtt: MqttConfig
     err = ""
     gc.set_threshold(GC_THRESHOLD, 50, 100)  # a window of in-flight messages, no cycles (see worker.py)
     try:
-        signer = Signer(*signer_key)
+        sign = make_sender(sender_keys)
         c = MqttClient(mqtt, f"{mqtt.client_id_prefix}-stress-{run}-{i}"[:64], log=Log("stress"), retry=False,
                        host=args.host, port=args.port, max_inflight=0)
         tuned = mqtttune.tune_publisher(c.paho)
@@ -187,7 +192,7 @@ def _stress_child(i: int, count: int, args: argparse.Namespace, mqtt: MqttConfig
             if time.monotonic() > deadline:
                 raise RuntimeError(c.last_error or f"no connection to {c.host}:{c.port}")
         barrier.wait(args.timeout)
-        topic, window, sign, publish = args.topic, args.window, signer.sign, p.publish
+        topic, window, publish = args.topic, args.window, p.publish
         now = time.time
         first = now()
         deadline = time.monotonic() + args.timeout
@@ -241,20 +246,42 @@ def _stress_child(i: int, count: int, args: argparse.Namespace, mqtt: MqttConfig
     results.put((i, sent, acked, first, last, err))
 
 
+def _stress_keys(args: argparse.Namespace, cfg: configmod.Config) -> list[SenderKey] | int:
+    """The keys to sign and/or encrypt with: --key files, else an HMAC key of the keys file."""
+    if args.key and (args.keys or args.key_id):
+        print("iotctl stress: --key names the sender's keys; --keys and --key-id pick an HMAC key of the keys "
+              "file instead: give one or the other", file=sys.stderr)
+        return 64
+    try:
+        if args.key:
+            keys = [load_sender_key(Path(f)) for f in args.key]
+            make_sender(keys)  # at most one signing and one AES key: say so before forking
+            return keys
+        keys_file = load_keys(Path(args.keys) if args.keys else keys_path(cfg))
+    except KeysError as e:
+        print(f"iotctl stress: {e}", file=sys.stderr)
+        return EX_CONFIG
+    kid = args.key_id or next((k for k, e in keys_file.items() if isinstance(e, bytes)), None)
+    if kid is None or kid not in keys_file:
+        what = f"key id {kid!r} is not" if kid else "no hmac key is"
+        print(f"iotctl stress: {what} in the keys file", file=sys.stderr)
+        return EX_CONFIG
+    entry = keys_file[kid]
+    if not isinstance(entry, bytes):
+        print(f"iotctl stress: key {kid!r} is an {entry.kind} key; for it give the sender's key file: "
+              f"--key FILE (from `iotctl keys new`)", file=sys.stderr)
+        return EX_CONFIG
+    return [SenderKey(kid, Kind.HMAC, entry)]
+
+
 def cmd_stress(args: argparse.Namespace, log: Log) -> int:
     cfg = configmod.load(args.config)
     if args.messages < 1 or args.processes < 1 or args.window < 1:
         print("iotctl stress: --messages, --processes and --window must be positive", file=sys.stderr)
         return 64
-    try:
-        keys = load_keys(Path(args.keys) if args.keys else keys_path(cfg))
-    except KeysError as e:
-        print(f"iotctl stress: {e}", file=sys.stderr)
-        return EX_CONFIG
-    kid = args.key_id or next(iter(keys))
-    if kid not in keys:
-        print(f"iotctl stress: key id {kid!r} is not in the keys file", file=sys.stderr)
-        return EX_CONFIG
+    sender_keys = _stress_keys(args, cfg)
+    if isinstance(sender_keys, int):
+        return sender_keys
     run = args.run_id or os.urandom(4).hex()
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(args.processes)
@@ -263,7 +290,7 @@ def cmd_stress(args: argparse.Namespace, log: Log) -> int:
     procs = []
     for i in range(args.processes):
         n = per + (1 if i < extra else 0)
-        pr = ctx.Process(target=_stress_child, args=(i, n, args, cfg.mqtt, (kid, keys[kid]), run, barrier, results))
+        pr = ctx.Process(target=_stress_child, args=(i, n, args, cfg.mqtt, sender_keys, run, barrier, results))
         pr.start()
         procs.append(pr)
     got = []
@@ -304,6 +331,32 @@ def cmd_stress(args: argparse.Namespace, log: Log) -> int:
     return 0 if acked == args.messages and not errors else EX_FAIL
 
 
+# -- keys ------------------------------------------------------------------------------------------
+
+
+def cmd_keys_new(args: argparse.Namespace, log: Log) -> int:
+    kind = Kind(args.kind)
+    out = Path(args.out or f"{args.key_id}.key")
+    try:
+        sender_line, node_line = new_key(kind, args.key_id, args.bits)
+        write_sender_key(out, sender_line, kind)
+    except KeysError as e:
+        print(f"iotctl keys new: {e}", file=sys.stderr)
+        return 64
+    except FileExistsError:
+        print(f"iotctl keys new: {out} exists; a key file is never replaced", file=sys.stderr)
+        return EX_FAIL
+    except OSError as e:
+        print(f"iotctl keys new: cannot write {out}: {e.strerror}", file=sys.stderr)
+        return EX_FAIL
+    print(node_line)
+    held = "the secret" if kind in (Kind.HMAC, Kind.AES) else "the private key"
+    print(f"iotctl keys new: {held} for the sender is in {out} (mode 0600); add the line above to the keys file "
+          f"iot-ingest reads ([ingest] keys_file, /etc/iot/ingest.keys when installed) and restart iot-ingest",
+          file=sys.stderr)
+    return 0
+
+
 def add_commands(sub) -> None:
     d = sub.add_parser("dlq", help="inspect, replay or purge the ingest dead-letter queue",
                        description="The ingest worker's dead-letter queue (<state_dir>/dlq or [ingest] dlq_dir).")
@@ -342,8 +395,11 @@ def add_commands(sub) -> None:
     s.add_argument("--processes", type=int, default=4, help="publishing processes (default 4)")
     s.add_argument("--topic", default="sensors/live/stress_test", help="topic (default sensors/live/stress_test)")
     s.add_argument("--window", type=int, default=1000, help="unacknowledged messages per process (default 1000)")
-    s.add_argument("--key-id", help="key to sign with (default: the first in the keys file)")
-    s.add_argument("--keys", help="keys file (default: the one iot-ingest reads)")
+    s.add_argument("--key", action="append", metavar="FILE",
+                   help="a sender's key file (iotctl keys new): sign with it (hmac, ed25519, rsa) or encrypt with "
+                        "it (aes); give it twice, a signing key and an aes key, to sign then encrypt")
+    s.add_argument("--key-id", help="without --key: the HMAC key of the keys file to sign with (default: the first)")
+    s.add_argument("--keys", help="without --key: the keys file (default: the one iot-ingest reads)")
     s.add_argument("--run-id", help="message id prefix (default: random)")
     s.add_argument("--json", action="store_true", help="print the result as one JSON object")
     s.add_argument("-h", "--host", help="broker host (default from [mqtt])")
@@ -351,3 +407,19 @@ def add_commands(sub) -> None:
     s.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up (default 600)")
     s.add_argument("--config", metavar="FILE")
     s.set_defaults(func=cmd_stress)
+
+    k = sub.add_parser("keys", help="make ingest keys",
+                       description="Keys for senders of signed or encrypted readings (docs/PROTOCOL.md).")
+    ksub = k.add_subparsers(dest="keys_command", metavar="ACTION", required=True, parser_class=type(k))
+    p = ksub.add_parser("new", help="a new key: the sender's file, and the line for the keys file",
+                        description="Write a new key for one sender to KEY_ID.key (mode 0600; never replaces a "
+                                    "file) and print its line for iot-ingest's keys file. hmac and aes: a "
+                                    "shared secret, the same on both sides. ed25519 and rsa: the file holds the "
+                                    "private key, the line only the public key, so the node can verify but "
+                                    "not sign.")
+    p.add_argument("key_id", metavar="KEY_ID", help="1-32 of A-Z a-z 0-9 _ . - (travels in every message)")
+    p.add_argument("--kind", required=True, choices=[k.value for k in Kind],
+                   help="hmac (s1), ed25519 (ed1, advised), rsa (rsa1: RSA-PSS-SHA256), aes (aes1: AES-256-GCM)")
+    p.add_argument("--bits", type=int, default=2048, choices=RSA_BITS, help="rsa: modulus size (default 2048)")
+    p.add_argument("--out", metavar="FILE", help="the sender's key file (default KEY_ID.key here)")
+    p.set_defaults(func=cmd_keys_new)

@@ -1,5 +1,5 @@
-"""iot-ingest: signed QoS 1 readings from MQTT into SQLite or MySQL/MariaDB, acknowledged only
-once they are committed.
+"""iot-ingest: signed and/or encrypted QoS 1 readings from MQTT into SQLite or MySQL/MariaDB,
+acknowledged only once they are committed.
 
 Theory of operation
 ===================
@@ -11,8 +11,9 @@ thread is the daemon's loop (`while svc.wait(0)`), one batch per pass:
 1. collect up to `batch_size` messages: at once if that many wait, else until the first has
    waited `batch_wait` or nothing new came for `batch_idle` (the broker's in-flight window is
    full, or traffic paused);
-2. verify and validate each (signing.py: one HMAC, one orjson parse, a few type checks) into
-   a row, or into a DLQ item with its reason;
+2. verify and validate each (signing.py: one HMAC, Ed25519 or RSA check and/or one AES-GCM
+   decryption with key objects made at start, one orjson parse, a few type checks) into a
+   row, or into a DLQ item with its reason and the payload as received;
 3. DLQ items: appended and fsynced (dlq.py);
 4. rows: one upsert + commit (sinks.py); rows the database refuses become DLQ items, fsynced;
 5. only now acknowledge the batch, in arrival order (`MqttClient.ack`: QoS 0 messages are
@@ -49,7 +50,7 @@ from ..durable import atomic_write
 from ..mqttclient import Delivery, MqttClient, backoff, paho_version
 from ..service import Exit, Service
 from . import dlq as dlqmod
-from .signing import KeysError, Reason, Rejected, Verifier, load_keys
+from .signing import KeysError, Reason, Rejected, Verifier, kind_of, load_keys
 from .sinks import MAX_TOPIC, Row, SchemaTooNew, Sink, Unavailable, open_sink
 
 NAME = "iot-ingest"
@@ -296,11 +297,18 @@ class Ingest:
         st.lat_sum, st.lat_n = 0.0, 0
 
 
+def _count_kinds(keys: dict) -> str:
+    counts: dict[str, int] = {}
+    for entry in keys.values():
+        counts[kind_of(entry)] = counts.get(kind_of(entry), 0) + 1
+    return f"{len(keys)} (" + ", ".join(f"{k} {n}" for k, n in counts.items()) + ")"
+
+
 def serve(svc: Service) -> None:
     cfg = svc.config
     ic = cfg.ingest
     if ic.max_unacked < ic.batch_size:
-        raise ConfigError(cfg.source, "[ingest] max_unacked", f"must be at least batch_size ({ic.batch_size}), "
+        raise ConfigError(cfg.origin("[ingest] max_unacked"), "[ingest] max_unacked", f"must be at least batch_size ({ic.batch_size}), "
                                                                f"got {ic.max_unacked}")
     kp = keys_path(cfg)
     try:
@@ -330,7 +338,7 @@ def serve(svc: Service) -> None:
     # missed, even on a first start), or after SUBSCRIBE_WAIT while it keeps retrying.
     subscribed = ing.client.subscribed.wait(SUBSCRIBE_WAIT)
     svc.ready((f"subscribed to {','.join(ic.topics)}" if subscribed else "broker not reachable yet; retrying")
-              + f" as {cfg.mqtt.client_id_prefix}-ingest; sink {sink.describe()}; keys {len(keys)}")
+              + f" as {cfg.mqtt.client_id_prefix}-ingest; sink {sink.describe()}; keys {_count_kinds(keys)}")
     try:
         while svc.wait(0):
             ing.maybe_snapshot()

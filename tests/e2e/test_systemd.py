@@ -602,7 +602,8 @@ def test_reload_applies_the_log_level_and_keeps_running_on_a_bad_file(container)
         wait_journal(c, unit, cursor, "reloaded", "log_level=debug")
         since = journal(c, unit, cursor)
         assert "reload failed" not in since and since.count("reloaded config=") == 1, since
-        assert "access rules reloaded password_file=/etc/iot/passwd users=1" in since  # the broker's own part
+        # The broker's own part: iot-local and the factory's roles (controller, dashboard, observer), the ACL.
+        assert "access rules reloaded password_file=/etc/iot/passwd users=4 acl_file=/etc/iot/acl" in since
         assert active(c, unit) and main_pid(c, unit) == pid
 
         c.sh(f"cat > {path}", input=with_log_level(original, "loud"))

@@ -20,7 +20,8 @@ import pytest
 from daemons import config
 from daemons.config import MqttConfig
 from daemons.ingest import dlq as dlqmod
-from daemons.ingest.signing import Signer, encode_body
+from daemons.ingest.keys import Kind, SenderKey, new_key, parse_line
+from daemons.ingest.signing import Signer, b64url, encode_body, make_sender
 from daemons.ingest.sinks import open_sink
 from daemons.ingest.worker import dlq_path
 from daemons.mqttclient import MqttClient
@@ -88,11 +89,13 @@ class Node:
                               timeout=timeout)
 
     def stress(self, n: int, run: str, processes: int = 2, topic: str = "sensors/stress",
-               keys: Path | None = None) -> subprocess.Popen:
+               keys: Path | None = None, key_files: tuple[Path, ...] = ()) -> subprocess.Popen:
         argv = [IOTCTL, "stress", "--config", str(self.config), "--messages", str(n), "--processes", str(processes),
                 "--topic", topic, "--run-id", run, "--json", "--timeout", "120"]
         if keys:
             argv += ["--keys", str(keys)]
+        for f in key_files:
+            argv += ["--key", str(f)]
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def close(self) -> None:
@@ -463,3 +466,177 @@ def test_200000_messages_broker_killed_9_mid_run_every_row_exactly_once(broker_f
     assert set(node.rows()) == stress_ids("bk", n, 4)
     assert "store opened" in b2.proc.log()
     assert result["errors"] == []
+
+
+# -- ed1, rsa1, aes1 (issue 23) ---------------------------------------------------------------------
+
+
+def keys_new(tmp_path: Path, kind: str, kid: str) -> tuple[Path, str]:
+    """`iotctl keys new`: (the sender's key file, the keys-file line it printed)."""
+    out = tmp_path / f"{kid}.key"
+    r = subprocess.run([IOTCTL, "keys", "new", "--kind", kind, kid, "--out", str(out)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout.strip()
+
+
+@pytest.mark.parametrize("kind", ["hmac", "ed25519", "rsa", "aes"])
+def test_iotctl_keys_new_writes_a_private_sender_file_and_a_line_that_loads(tmp_path, kind):
+    from daemons.ingest.keys import load_sender_key, parse_keys  # noqa: PLC0415
+
+    path, line = keys_new(tmp_path, kind, f"dev-{kind}")
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert line.count("\n") == 0 and line.split()[:2] == [f"dev-{kind}", kind]
+    entry = parse_keys(line, "printed")[f"dev-{kind}"]
+    sender = load_sender_key(path)
+    assert (sender.key_id, sender.kind) == (f"dev-{kind}", kind)
+    if kind in ("ed25519", "rsa"):
+        assert line not in path.read_text()  # the node's line holds the public key only
+    else:
+        assert entry == sender.entry and line in path.read_text()  # a shared secret: the same on both sides
+    before = path.read_bytes()
+    r = subprocess.run([IOTCTL, "keys", "new", "--kind", kind, f"dev-{kind}", "--out", str(path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "never replaced" in r.stderr and path.read_bytes() == before
+    r = subprocess.run([IOTCTL, "keys", "new", "--kind", kind, "bad/id", "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 64 and "key id" in r.stderr
+
+
+# What each stress run sends with, and the key id its rows carry.
+STRESS_MODES = {
+    "ed25519": (("ed25519",), "ed25519"),
+    "rsa": (("rsa",), "rsa"),
+    "aes": (("aes",), "aes"),
+    "hmac+aes": (("hmac", "aes"), "hmac"),
+    "ed25519+aes": (("ed25519", "aes"), "ed25519"),
+    "rsa+aes": (("rsa", "aes"), "rsa"),
+}
+
+
+def test_iotctl_stress_with_every_kind_lands_exactly_once(broker_factory, daemon, node_factory, tmp_path):
+    """One worker, senders of every kind on one topic at once: every message of each lands once,
+    attributed to its key; a second copy of what landed (a replay) changes nothing."""
+    n = 2000
+    b = broker_factory(BROKER_LIMITS)
+    node = node_factory(b.port)
+    files = {}
+    for kind in ("hmac", "ed25519", "rsa", "aes"):
+        files[kind], line = keys_new(tmp_path, kind, f"st-{kind}")
+        node.keys.write_text(node.keys.read_text() + line + "\n")
+    start_ingest(daemon, node)
+    loads = {mode: node.stress(n, mode.replace("+", "_"), key_files=tuple(files[k] for k in kinds))
+             for mode, (kinds, _) in STRESS_MODES.items()}
+    for mode, load in loads.items():
+        finish(load, n)
+    node.wait_rows(n * len(STRESS_MODES), 120)
+    rows = node.rows()
+    for mode, (_, signer) in STRESS_MODES.items():
+        run = mode.replace("+", "_")
+        mine = {k: r for k, r in rows.items() if k.startswith(run + "-")}
+        assert set(mine) == stress_ids(run, n, 2), mode
+        assert {r[5] for r in mine.values()} == {f"st-{signer}"}, mode
+    assert node.dlq().entries == []
+
+
+def _senders(tmp_path: Path) -> tuple[dict, str]:
+    """In-process senders of every kind (as `iotctl keys new` makes them) and their keys-file text."""
+    senders, lines = {}, []
+    for kind in ("hmac", "ed25519", "rsa", "aes"):
+        sender_line, node_line = new_key(Kind(kind), f"d-{kind}")
+        kid, entry = parse_line(sender_line, "test", private=True)
+        senders[kind] = SenderKey(kid, Kind(kind), entry)
+        lines.append(node_line)
+    return senders, "\n".join(lines) + "\n"
+
+
+def test_every_kind_refused_lands_in_the_dlq_with_its_reason_and_the_envelope_as_received(
+        broker_factory, daemon, node_factory, tmp_path):
+    b = broker_factory(BROKER_LIMITS)
+    node = node_factory(b.port)
+    good, text = _senders(tmp_path)
+    node.keys.write_text(text)
+    other, _ = _senders(tmp_path)  # same key ids, other keys
+
+    def body(i: str) -> bytes:
+        return encode_body(i, "s/1", time.time(), {"a": 1})
+
+    def send(kinds: tuple[str, ...], i: str, keys: dict = good) -> bytes:
+        return make_sender([keys[k] for k in kinds])(body(i))
+
+    def flip(p: bytes, at: int) -> bytes:
+        return p[:at] + bytes([p[at] ^ 1]) + p[at + 1:]
+
+    def sig_changed(p: bytes) -> bytes:
+        at = p.index(b"\n") - 2
+        return p[:at] + (b"A" if p[at:at + 1] != b"A" else b"B") + p[at + 1:]
+
+    def key(kind: str, kid: str) -> SenderKey:
+        _, entry = parse_line(new_key(Kind(kind), kid)[0], "t", private=True)
+        return SenderKey(kid, Kind(kind), entry)
+
+    bad: dict[bytes, str] = {}
+    for kinds in (("ed25519",), ("rsa",), ("aes",), ("ed25519", "aes"), ("rsa", "aes"), ("hmac", "aes")):
+        name = "-".join(kinds)
+        outer = "bad-ciphertext" if "aes" in kinds else "bad-signature"
+        p = send(kinds, f"{name}-tampered")
+        bad[flip(p, len(p) - 20)] = outer
+        bad[sig_changed(send(kinds, f"{name}-tag"))] = outer  # signature, or aes1's nonce
+        p = send(kinds, f"{name}-trunc")
+        bad[p[:-7]] = outer
+        bad[p[:p.index(b"\n")]] = "bad-envelope"
+        for k in kinds:  # one key at a time: wrong, unknown, of another kind
+            inner = "bad-ciphertext" if k == "aes" else "bad-signature"
+            p = send(kinds, f"{name}-wrong-{k}", {**good, k: other[k]})
+            bad[p] = inner
+            if kinds == ("ed25519", "aes") and k == "ed25519":
+                wrong_inside = p
+            bad[send(kinds, f"{name}-unknown-{k}", {**good, k: key(k, "nobody")})] = "unknown-key"
+            # A key of another kind under a listed id: an AES key claiming the HMAC key's id, or
+            # a signing key of another algorithm claiming this one's.
+            impostor = key("aes", "d-hmac") if k == "aes" else key("hmac" if k != "hmac" else "rsa", f"d-{k}")
+            bad[send(kinds, f"{name}-kind-{k}", {**good, k: impostor})] = "wrong-key-kind"
+    # A nonce used again for another message: the first lands, the second is refused.
+    nonce = os.urandom(12)
+    aes = good["aes"].entry.obj
+
+    def seal(i: str) -> bytes:
+        header = b"aes1 d-aes " + b64url(nonce) + b"\n"
+        return header + aes.encrypt(nonce, body(i), header)
+
+    first, second = seal("nonce-1"), seal("nonce-2")
+    bad[second] = "nonce-reused"
+    oks = [send(kinds, f"ok-{'-'.join(kinds)}") for kinds in (("ed25519",), ("rsa",), ("aes",), ("rsa", "aes"))]
+    start_ingest(daemon, node)
+    publish(b.port, [first, *oks, *bad])
+    node.wait_rows(1 + len(oks))
+    wait_for(lambda: len(node.dlq().entries) >= len(bad), 20, what=f"{len(bad)} DLQ entries")
+    got = {e.payload: e.reason for e in node.dlq().entries}
+    assert got == bad  # byte for byte as received, each with its reason
+    assert all(e.topic == "sensors/t" and e.detail for e in node.dlq().entries)
+    detail = next(e.detail for e in node.dlq().entries if e.payload == wrong_inside)
+    assert detail.startswith("inside aes1 (key 'd-aes'): Ed25519 with key 'd-ed25519' does not verify"), detail
+    # The nonce rule is a tripwire, not a verdict on the reading: the operator may land it.
+    r = node.ctl("dlq", "replay", "--reason", "nonce-reused")
+    assert r.returncode == 0 and "1 landed" in r.stdout, r.stdout + r.stderr
+    assert "nonce-2" in node.rows()
+
+
+def test_iotctl_stress_says_which_key_it_cannot_use(tmp_path):
+    from tests.support import free_port  # noqa: PLC0415
+
+    node = Node(tmp_path, free_port())
+    ed, ed_line = keys_new(tmp_path, "ed25519", "e1")
+    rsa, _ = keys_new(tmp_path, "rsa", "r1")
+    node.keys.write_text(ed_line + "\n")  # public keys only: nothing to sign with
+    r = node.ctl("stress", "--messages", "10", timeout=60)
+    assert r.returncode == 78 and "no hmac key" in r.stderr, r.stderr
+    r = node.ctl("stress", "--messages", "10", "--key-id", "e1", timeout=60)
+    assert r.returncode == 78 and "--key FILE" in r.stderr, r.stderr
+    r = node.ctl("stress", "--messages", "10", "--key", str(ed), "--key", str(rsa), timeout=60)
+    assert r.returncode == 78 and "one signing key" in r.stderr, r.stderr
+    r = node.ctl("stress", "--messages", "10", "--key", str(ed), "--key-id", "e1", timeout=60)
+    assert r.returncode == 64, r.stderr
+    os.chmod(ed, 0o644)
+    r = node.ctl("stress", "--messages", "10", "--key", str(ed), timeout=60)
+    assert r.returncode == 78 and "chmod 600" in r.stderr, r.stderr

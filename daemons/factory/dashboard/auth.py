@@ -44,7 +44,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def read_password(path: Path, source: Path | None) -> str:
+def read_password(path: Path, source: Path | str | None) -> str:
     """The first line of the password file; a ConfigError (exit 78) if it cannot be read, is
     empty, or others may read or write it (like iot-ingest's keys file: a secret stays with
     its owner and group)."""

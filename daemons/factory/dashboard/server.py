@@ -392,9 +392,9 @@ def check_access(cfg) -> str | None:
     beyond loopback without a password file."""
     fc = cfg.factory
     if fc.dashboard_password_file is not None:
-        return auth.read_password(fc.dashboard_password_file, cfg.source)
+        return auth.read_password(fc.dashboard_password_file, cfg.origin("[factory] dashboard_password_file"))
     if not auth.is_loopback(fc.dashboard_host):
-        raise ConfigError(cfg.source, "[factory] dashboard_host",
+        raise ConfigError(cfg.origin("[factory] dashboard_host"), "[factory] dashboard_host",
                           f"{fc.dashboard_host!r} is beyond loopback and dashboard_password_file is not set "
                           "(the dashboard can stop machines: beyond loopback it asks for a password)")
     return None
