@@ -237,6 +237,9 @@ class TransferConfig:
 
     # Topics are {topic_prefix}/file/{file_id}/meta|chunk|status|retry|ack; both ends must agree.
     topic_prefix: str = "iot"
+    # Message format on those topics: "binary" (ours, docs/PROTOCOL.md) or "seed-json" (seed 000's
+    # JSON, hex data: twice the bytes) to talk to a seed-format peer. Per node; peers must agree.
+    wire: str = field(default="binary", metadata=_choices("binary", "seed-json"))
     # Sender. Folders left unset ("") are <state_dir>/outbox and <state_dir>/transfer.
     outbox: Path | None = None
     after_send: str = field(default="move", metadata=_choices("move", "delete"))

@@ -3,7 +3,8 @@
 `send` is a one-shot sender: the same engine as iot-transfer-send, without outbox or journal.
 It exits 0 only once the receiver has acknowledged every file (verified, fsynced, renamed),
 and otherwise non-zero with the reason on stderr: 1 refused, no answer or no broker,
-66 a file cannot be read, 130 interrupted (the receiver is told to drop its partial files).
+66 a file cannot be read, 130 interrupted (the receiver is told to drop its partial files,
+where the wire format can say so: seed-json cannot).
 
 `transfers` reads what the daemons of this node keep under the state folder: the sender's
 and receiver's status snapshots (refreshed every second while they run), their journals for
@@ -26,6 +27,7 @@ import orjson
 
 from .. import config as configmod
 from ..mqttclient import MqttClient
+from . import WIRES, codec
 from . import protocol as P
 from .engine import Engine, Outgoing
 from .journal import Journal
@@ -98,7 +100,7 @@ def cmd_send(args: argparse.Namespace, log) -> int:
     cfg = configmod.load(args.config)
     tc = cfg.transfer
     changes = {k: v for k, v in (("chunk_size", args.chunk_size), ("window", args.window),
-                                 ("rate_limit", args.rate_limit)) if v is not None}
+                                 ("rate_limit", args.rate_limit), ("wire", args.wire)) if v is not None}
     if changes:
         tc = dataclasses.replace(tc, **changes)
     paths = [Path(f) for f in args.files]
@@ -122,7 +124,8 @@ def cmd_send(args: argparse.Namespace, log) -> int:
         client.stop()
         return EX_FAIL
     engine = Engine(tc.topic_prefix, lambda topic, payload: client.publish(topic, payload, 1), window=tc.window,
-                    rate_limit=tc.rate_limit, resend_after=tc.resend_after, stall_timeout=tc.stall_timeout, log=log)
+                    rate_limit=tc.rate_limit, resend_after=tc.resend_after, stall_timeout=tc.stall_timeout, log=log,
+                    codec=codec(tc.wire))
     bar = Progress(sys.stderr, args.quiet)
     try:
         failures = _send_all(engine, paths, tc, inbox, bar, args.timeout)
@@ -154,7 +157,7 @@ def _send_all(engine: Engine, paths: list[Path], tc, inbox: queue.Queue, bar: Pr
             msg = inbox.get(timeout=min(max(wait, 0.0), 0.2))
             while True:
                 try:
-                    fid, kind = P.parse_topic(engine.prefix, msg.topic)
+                    fid, kind = engine.codec.parse_topic(engine.prefix, msg.topic)
                     engine.on_message(fid, kind, msg.payload)
                 except P.BadMessage:
                     pass  # not ours to judge: other senders share these topics
@@ -279,6 +282,7 @@ def add_commands(sub) -> None:
     p.add_argument("--chunk-size", type=int, help="bytes per chunk (default from [transfer])")
     p.add_argument("--window", type=int, help="chunks in flight per file (default from [transfer])")
     p.add_argument("--rate-limit", type=int, help="bytes per second, 0 = unlimited (default from [transfer])")
+    p.add_argument("--wire", choices=WIRES, help="wire format the receiver speaks (default from [transfer])")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="give up when the broker or the receiver says nothing for this long (default 60 s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")

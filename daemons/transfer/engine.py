@@ -27,6 +27,9 @@ If the receiver says nothing for `stall_timeout`, the manifest is published agai
 growing interval): a receiver that was offline, lost the manifest or restarted answers it
 with a status, and one that already finished answers with its ack again (C3, C4, C8, C9,
 C12). A resumed transfer sends no chunk until the receiver's status says what it needs.
+
+The messages are built and read by `codec` (protocol.py or seedjson.py): the rules above do
+not depend on the format.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 from . import protocol as P
 
@@ -111,8 +115,9 @@ class RateLimit:
 
 class Engine:
     def __init__(self, prefix: str, publish: Callable[[str, bytes], None], *, window: int, rate_limit: int,
-                 resend_after: float, stall_timeout: float, log, clock: Callable[[], float] = time.monotonic):
-        self.prefix, self.publish, self.log, self.clock = prefix, publish, log, clock
+                 resend_after: float, stall_timeout: float, log, clock: Callable[[], float] = time.monotonic,
+                 codec: ModuleType = P):
+        self.prefix, self.publish, self.log, self.clock, self.codec = prefix, publish, log, clock, codec
         self.window, self.resend_after, self.stall_timeout = window, resend_after, stall_timeout
         self.rate = RateLimit(rate_limit, clock)
         self.transfers: dict[str, Outgoing] = {}
@@ -130,8 +135,14 @@ class Engine:
         t.reannounced = False  # the first announcement is not a re-announcement
 
     def cancel(self, t: Outgoing, reason: str) -> None:
-        self.publish(P.topic(self.prefix, t.file_id, "meta"), P.encode_cancel(t.file_id, reason))
+        self.send_cancel(t.file_id, reason)
         self._finish(t, "failed", reason)
+
+    def send_cancel(self, file_id: str, reason: str) -> None:
+        """Tell the receiver to drop its partial file, if the format can say it."""
+        payload = self.codec.encode_cancel(file_id, reason)
+        if payload is not None:
+            self.publish(P.topic(self.prefix, file_id, "meta"), payload)
 
     def _finish(self, t: Outgoing, state: str, reason: str = "") -> None:
         t.state, t.reason = state, reason
@@ -142,7 +153,7 @@ class Engine:
             self.ended.append(t)
 
     def _announce(self, t: Outgoing, now: float) -> None:
-        self.publish(P.topic(self.prefix, t.file_id, "meta"), P.encode_meta(t.manifest))
+        self.publish(P.topic(self.prefix, t.file_id, "meta"), self.codec.encode_meta(t.manifest))
         t.last_meta = now
         t.reannounced = True
 
@@ -155,16 +166,17 @@ class Engine:
         if t is None:
             return  # another sender's file, or a duplicate ack of one already done
         if kind == "ack":
-            ack = P.decode_ack(payload, file_id)
+            ack = self.codec.decode_ack(payload, file_id)
             m = t.manifest
-            if ack.sha256 != m.sha256 or ack.size != m.size:
+            # A seed receiver's ack names neither (seedjson.py): its file id, ours and random, is enough.
+            if (ack.sha256 is not None and ack.sha256 != m.sha256) or (ack.size is not None and ack.size != m.size):
                 self.log.warning("ack does not match the file sent; ignored", id=file_id, name=m.name)
                 return
             t.ack = ack
             t.received = m.chunks
             self._finish(t, "done")
         elif kind == "status":
-            self._on_status(t, P.decode_status(payload, file_id))
+            self._on_status(t, self.codec.decode_status(payload, file_id))
 
     def _on_status(self, t: Outgoing, st: P.Status) -> None:
         now = self.clock()
@@ -260,7 +272,8 @@ class Engine:
         data = os.pread(t.fd, want, index * m.chunk_size)
         if len(data) != want:
             raise FileChanged(f"short read of chunk {index}")
-        self.publish(P.topic(self.prefix, t.file_id, kind), P.encode_chunk(index, m.chunk_digest(index), data, again))
+        self.publish(P.topic(self.prefix, t.file_id, kind),
+                     self.codec.encode_chunk(t.file_id, index, m.chunk_digest(index), data, again))
         self.rate.spend(want)
         t.inflight[index] = now
         t.bytes_sent += want

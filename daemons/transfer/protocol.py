@@ -19,6 +19,10 @@ Chunks are raw bytes behind a fixed header, so a 256 KiB chunk costs about 100 b
 framing (MQTT included): the wire stays within 1% of the file size. Everything that comes
 from the network is checked here, field by field; a decoder either returns a typed value or
 raises `BadMessage` saying what was wrong, never anything else.
+
+seedjson.py is the other codec (`[transfer] wire = "seed-json"`): the same functions over
+the same typed values, so that the engine, the sender and the receiver never know which of
+the two is on the wire; `daemons.transfer.codec()` is the one place that picks.
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ REFUSED = "refused"  # will not be accepted; `reason` says why (too large, no sp
 UNKNOWN = "unknown"  # chunks arrived for an id without a manifest: announce it again
 STATES = (RECEIVING, REFUSED, UNKNOWN)
 
+# Our sender resends a chunk a status lists only once it is overdue (engine.py), so a status
+# may list every chunk not received yet. A format whose senders resend at once every chunk
+# listed sets this, and the receiver then lists only gaps until nothing arrives (receiver.py).
+LISTED_IS_RESENT = False
+
 
 class BadMessage(ValueError):
     """A message from the network that does not follow this protocol."""
@@ -70,13 +79,13 @@ def subscription(prefix: str, kind: str) -> str:
     return f"{prefix}/file/+/{kind}"
 
 
-def parse_topic(prefix: str, name: str) -> tuple[str, str]:
+def parse_topic(prefix: str, name: str, id_re: re.Pattern = _ID_RE) -> tuple[str, str]:
     """(file_id, kind) of a transfer topic under `prefix`."""
     head = prefix + "/file/"
     if not name.startswith(head):
         raise BadMessage(f"not a transfer topic: {name!r}")
     file_id, _, kind = name[len(head):].partition("/")
-    if kind not in KINDS or not _ID_RE.fullmatch(file_id):
+    if kind not in KINDS or not id_re.fullmatch(file_id):
         raise BadMessage(f"bad transfer topic: {name!r}")
     return file_id, kind
 
@@ -96,11 +105,12 @@ class Chunk:
     retry: bool = False
 
 
-def encode_chunk(index: int, digest: bytes, data: bytes, retry: bool = False) -> bytes:
+def encode_chunk(file_id: str, index: int, digest: bytes, data: bytes, retry: bool = False) -> bytes:
+    # file_id is in the topic already: the frame does not repeat it.
     return _CHUNK.pack(_MAGIC, VERSION, FLAG_RETRY if retry else 0, index, digest) + data
 
 
-def decode_chunk(payload: bytes) -> Chunk:
+def decode_chunk(payload: bytes, file_id: str) -> Chunk:
     if len(payload) < CHUNK_HEADER:
         raise BadMessage(f"chunk frame of {len(payload)} bytes is shorter than its header")
     magic, version, flags, index, digest = _CHUNK.unpack_from(payload)
@@ -153,7 +163,7 @@ def encode_meta(m: Manifest) -> bytes:
     })
 
 
-def encode_cancel(file_id: str, reason: str) -> bytes:
+def encode_cancel(file_id: str, reason: str) -> bytes | None:
     return orjson.dumps({"v": VERSION, "id": file_id, "cancel": reason[:MAX_REASON]})
 
 
@@ -196,7 +206,8 @@ class Status:
     - every chunk below `next` is on the receiver's disk (or about to be: see receiver.py);
     - `missing` lists, ascending, every chunk in [next, upto) the receiver does not have:
       the others in that range it has. `upto` is `chunks` unless the list was cut at
-      MAX_MISSING entries, then it is one past the last one listed;
+      MAX_MISSING entries, then it is one past the last one listed (or, in a format whose
+      senders resend every chunk listed, `high` while chunks still arrive: LISTED_IS_RESENT);
     - `high` is one past the highest chunk received, so the sender can tell a chunk that
       is overtaken (lost or reordered) from one that simply has not arrived yet.
     """
@@ -250,9 +261,9 @@ def decode_status(payload: bytes, file_id: str) -> Status:
 @dataclass(frozen=True, slots=True)
 class Ack:
     file_id: str
-    name: str  # the name the receiver stored it under (sanitised, maybe suffixed)
-    size: int
-    sha256: str
+    name: str  # the name the receiver stored it under (sanitised, maybe suffixed); "" if not said
+    size: int | None  # None: not said (a seed-json ack from a seed receiver)
+    sha256: str | None
     timestamp: float
 
 

@@ -29,7 +29,13 @@ A meta, chunk or retry for a finished file is answered with its ack again (C9).
 
 The receiver publishes a status per unfinished file: at once when a gap or a bad chunk
 shows, every few chunks written (this is what paces the sender, C10), and every
-`status_interval` otherwise, less often while nothing arrives (C4).
+`status_interval` otherwise, less often while nothing arrives (C4). With a format whose
+senders resend every chunk listed as missing at once (seed-json), a status lists only the
+gaps below the highest chunk received while chunks keep arriving, and the chunks above it
+too once nothing has arrived for two status intervals (a lost tail, a sender restarted).
+
+Messages are read and written through `codec` (protocol.py or seedjson.py, from `[transfer]
+wire`); the files under .partial are in protocol.py's format whatever the wire.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import orjson
 from .. import service
 from ..config import TransferConfig
 from ..mqttclient import MqttClient
+from . import codec
 from . import protocol as P
 from ..durable import atomic_write, fsync_dir
 from .journal import IndexLog, Journal, name_candidates
@@ -62,6 +69,7 @@ MAX_BAD = 5  # copies of one chunk failing their hash before the file is refused
 class Receiver:
     def __init__(self, cfg: TransferConfig, spool: Path, publish, log, clock=time.monotonic):
         self.cfg, self.spool, self.publish, self.log, self.clock = cfg, spool, publish, log, clock
+        self.codec = codec(cfg.wire)
         self.work = spool / ".partial"
         self.work.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(self.work / "done.jsonl")
@@ -84,7 +92,7 @@ class Receiver:
     def recover(self) -> None:
         for rec in self.journal.load():
             fid = rec.get("id")
-            if not isinstance(fid, str) or not P.valid_id(fid):
+            if not isinstance(fid, str) or not self.codec.valid_id(fid):
                 continue
             if rec.get("ev") == "complete":
                 self.done[fid] = {**rec, "acked": False}
@@ -161,7 +169,7 @@ class Receiver:
                     del self.done[fid]
 
     def _recover_partial(self, fid: str) -> None:
-        if not P.valid_id(fid) or fid in self.done:
+        if not self.codec.valid_id(fid) or fid in self.done:
             for ext in ("meta", "idx", "data"):
                 self._p(fid, ext).unlink(missing_ok=True)
             return
@@ -187,9 +195,9 @@ class Receiver:
 
     def handle(self, topic: str, payload: bytes, prefix: str) -> None:
         try:
-            fid, kind = P.parse_topic(prefix, topic)
+            fid, kind = self.codec.parse_topic(prefix, topic)
             if kind == "meta":
-                self._on_meta(fid, P.decode_meta(payload, fid))
+                self._on_meta(fid, self.codec.decode_meta(payload, fid))
             elif kind in ("chunk", "retry"):
                 self._on_chunk(fid, payload, kind == "retry")
         except P.BadMessage as e:
@@ -258,7 +266,7 @@ class Receiver:
         if self._answer_once("refused:" + fid, 1.0):
             self.log.warning("transfer refused", id=fid, name=name, reason=why)
             self.publish(P.topic(self.cfg.topic_prefix, fid, "status"),
-                         P.encode_status(P.Status(fid, P.REFUSED, reason=why)))
+                         self.codec.encode_status(P.Status(fid, P.REFUSED, reason=why)))
 
     def _create(self, m: P.Manifest) -> Partial:
         fd = os.open(self._p(m.file_id, "data"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -284,9 +292,9 @@ class Receiver:
                     self._send_ack(fid)
             elif self._answer_once("unknown:" + fid, 1.0):
                 self.publish(P.topic(self.cfg.topic_prefix, fid, "status"),
-                             P.encode_status(P.Status(fid, P.UNKNOWN)))
+                             self.codec.encode_status(P.Status(fid, P.UNKNOWN)))
             return
-        c = P.decode_chunk(payload)
+        c = self.codec.decode_chunk(payload, fid)
         m, i, now = p.m, c.index, self.clock()
         p.last_activity = now
         if not 0 <= i < m.chunks:
@@ -360,8 +368,9 @@ class Receiver:
     def _send_status(self, p: Partial) -> None:
         p.status_due = None
         p.since_status = 0
-        p.last_status = self.clock()
-        self.publish(P.topic(self.cfg.topic_prefix, p.m.file_id, "status"), P.encode_status(p.status()))
+        p.last_status = now = self.clock()
+        tail = not self.codec.LISTED_IS_RESENT or now - p.last_activity >= 2 * self.cfg.status_interval
+        self.publish(P.topic(self.cfg.topic_prefix, p.m.file_id, "status"), self.codec.encode_status(p.status(tail)))
 
     def _sync(self, p: Partial) -> None:
         try:
@@ -440,7 +449,7 @@ class Receiver:
     def _send_ack(self, fid: str) -> None:
         r = self.done[fid]
         ack = P.Ack(fid, r["name"], r["size"], r["sha256"], r.get("t", time.time()))
-        self.acking[fid] = self.publish(P.topic(self.cfg.topic_prefix, fid, "ack"), P.encode_ack(ack))
+        self.acking[fid] = self.publish(P.topic(self.cfg.topic_prefix, fid, "ack"), self.codec.encode_ack(ack))
 
     def _drop(self, p: Partial, why: str, tell: bool = True) -> None:
         fid = p.m.file_id

@@ -40,6 +40,7 @@ import orjson
 from .. import service
 from ..config import TransferConfig
 from ..mqttclient import MqttClient
+from . import codec
 from . import protocol as P
 from .engine import Engine, Outgoing
 from ..durable import atomic_write
@@ -103,7 +104,8 @@ class Sender:
             d.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(self.home / "journal.jsonl")
         self.engine = Engine(cfg.topic_prefix, publish, window=cfg.window, rate_limit=cfg.rate_limit,
-                             resend_after=cfg.resend_after, stall_timeout=cfg.stall_timeout, log=log)
+                             resend_after=cfg.resend_after, stall_timeout=cfg.stall_timeout, log=log,
+                             codec=codec(cfg.wire))
         self.candidates: dict[Path, tuple[float, tuple]] = {}  # path -> (check at, key seen)
         self.waiting: dict[Path, tuple] = {}  # settled, in arrival order -> key
         self.hashing: dict[Path, tuple[Future, str, tuple]] = {}
@@ -145,7 +147,7 @@ class Sender:
             fd = os.open(path, os.O_RDONLY)
         except (OSError, P.BadMessage, AssertionError) as e:
             self.log.warning("cannot resume a transfer; cancelled", id=fid, name=s.get("name"), error=str(e))
-            self.engine.publish(P.topic(self.cfg.topic_prefix, fid, "meta"), P.encode_cancel(fid, "gone"))
+            self.engine.send_cancel(fid, "gone")
             self.journal.append({"ev": "cancelled", "id": fid, "t": time.time(), "reason": str(e)})
             (self.home / f"{fid}.meta").unlink(missing_ok=True)
             return
@@ -260,7 +262,7 @@ class Sender:
                 t.close()  # it changed while being hashed: the newer version is queued
                 continue
             m = t.manifest
-            atomic_write(self.home / f"{fid}.meta", P.encode_meta(m))
+            atomic_write(self.home / f"{fid}.meta", P.encode_meta(m))  # protocol.py's JSON whatever the wire
             self.journal.append({"ev": "start", "id": fid, "path": str(path), "name": m.name, "size": m.size,
                                  "key": list(key), "chunk_size": m.chunk_size, "t": round(time.time(), 3)})
             self.active[path] = (t, key)
@@ -269,7 +271,7 @@ class Sender:
 
     def on_message(self, topic: str, payload: bytes) -> None:
         try:
-            fid, kind = P.parse_topic(self.cfg.topic_prefix, topic)
+            fid, kind = self.engine.codec.parse_topic(self.cfg.topic_prefix, topic)
             self.engine.on_message(fid, kind, payload)
         except P.BadMessage as e:
             self.log.warning("bad message dropped", topic=topic[:200], error=str(e))

@@ -124,17 +124,20 @@ class Partial:
             self.unsynced.clear()
         return len(bad)
 
-    def status(self) -> P.Status:
+    def status(self, tail: bool = True) -> P.Status:
+        """What is received and missing; without `tail`, saying nothing of the chunks from
+        `high` on (those may simply not have arrived yet)."""
         missing = []
-        pos, end = self.next, self.m.chunks
+        pos, end = self.next, self.m.chunks if tail else max(self.high, self.next)
         while len(missing) < P.MAX_MISSING:
-            pos = self.received.find(0, pos)
+            pos = self.received.find(0, pos, end)
             if pos < 0:
                 break
             missing.append(pos)
             pos += 1
         upto = end if len(missing) < P.MAX_MISSING else missing[-1] + 1
-        return P.Status(self.m.file_id, P.RECEIVING, end, self.count, self.next, upto, self.high, tuple(missing))
+        return P.Status(self.m.file_id, P.RECEIVING, self.m.chunks, self.count, self.next, upto, self.high,
+                        tuple(missing))
 
     def close(self) -> None:
         self.idx.close()

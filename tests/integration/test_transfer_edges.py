@@ -71,16 +71,16 @@ class RawSender:
         self.c.start()
         assert self.c.wait_connected(10) and self.c.subscribed.wait(5)
 
-    def send(self, name: str, data: bytes, inject: tuple[tuple[str, bytes], ...] = ()) -> str:
+    def send(self, name: str, data: bytes, inject: tuple[tuple[str, bytes], ...] = (), fid: str = "") -> str:
         """Publish a manifest, then `inject` (kind, payload) messages, then the chunks."""
-        fid = secrets.token_hex(16)
+        fid = fid or secrets.token_hex(16)
         digests = b"".join(hashlib.sha256(data[i:i + CHUNK]).digest() for i in range(0, len(data), CHUNK))
         m = P.Manifest(fid, name, len(data), CHUNK, hashlib.sha256(data).hexdigest(), digests)
         self.pub(P.topic("iot", fid, "meta"), P.encode_meta(m))
         for kind, payload in inject:
             self.pub(P.topic("iot", fid, kind), payload)
         for i in range(m.chunks):
-            self.pub(P.topic("iot", fid, "chunk"), P.encode_chunk(i, m.chunk_digest(i), data[i * CHUNK:(i + 1) * CHUNK]))
+            self.pub(P.topic("iot", fid, "chunk"), P.encode_chunk(fid, i, m.chunk_digest(i), data[i * CHUNK:(i + 1) * CHUNK]))
         return fid
 
     def pub(self, topic: str, payload: bytes) -> None:
@@ -152,9 +152,11 @@ def test_bad_messages_are_logged_and_dropped(broker, daemon, tmp_path):
         # Broken chunks of a transfer that is under way: short, not a chunk frame, index out
         # of range, wrong length, wrong hash. The transfer still completes.
         ok = os.urandom(CHUNK * 2)
-        good = raw.send("ok.bin", ok, inject=(
-            ("chunk", b"\x00"), ("retry", b"XX" + bytes(60)), ("chunk", P.encode_chunk(7, bytes(32), b"zz")),
-            ("chunk", P.encode_chunk(0, bytes(32), b"short")), ("chunk", P.encode_chunk(1, bytes(32), bytes(CHUNK)))))
+        good_id = secrets.token_hex(16)
+        good = raw.send("ok.bin", ok, fid=good_id, inject=(
+            ("chunk", b"\x00"), ("retry", b"XX" + bytes(60)), ("chunk", P.encode_chunk(good_id, 7, bytes(32), b"zz")),
+            ("chunk", P.encode_chunk(good_id, 0, bytes(32), b"short")),
+            ("chunk", P.encode_chunk(good_id, 1, bytes(32), bytes(CHUNK)))))
         raw.wait_acks([good])
     finally:
         raw.c.stop()

@@ -1,7 +1,8 @@
 """The transfer protocol without MQTT: the codec, then the sender's engine and the receiver
 back to back (as h11's tests do) over an in-process network that loses, duplicates and
-reorders messages at random, with a fake clock, and with crashes of either end. Fast enough
-to try many seeds; the daemons' own tests (test_transfer_faults.py) do the same for real."""
+reorders messages at random, with a fake clock, and with crashes of either end, in both wire
+formats. Fast enough to try many seeds; the daemons' own tests (test_transfer_faults.py) do
+the same for real."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 
 from daemons.config import TransferConfig
 from daemons.service import Log
+from daemons.transfer import WIRES, codec
 from daemons.transfer import protocol as P
 from daemons.transfer.engine import Engine, Outgoing
 from daemons.transfer.receiver import Receiver
@@ -36,7 +38,7 @@ def manifest(data: bytes, name: str = "f.bin", chunk: int = CHUNK) -> P.Manifest
 def test_codec_round_trips():
     m = manifest(os.urandom(2500), "ü b.txt")
     assert P.decode_meta(P.encode_meta(m), m.file_id) == m
-    c = P.decode_chunk(P.encode_chunk(2, m.chunk_digest(2), b"abc", retry=True))
+    c = P.decode_chunk(P.encode_chunk(m.file_id, 2, m.chunk_digest(2), b"abc", retry=True), m.file_id)
     assert (c.index, c.sha256, bytes(c.data), c.retry) == (2, m.chunk_digest(2), b"abc", True)
     s = P.Status(m.file_id, P.RECEIVING, 3, 1, 0, 3, 2, (0, 2))
     assert P.decode_status(P.encode_status(s), m.file_id) == s
@@ -47,13 +49,13 @@ def test_codec_round_trips():
 
 
 def test_chunk_frame_overhead_is_forty_bytes():
-    assert len(P.encode_chunk(0, bytes(32), b"x" * 1000)) == 1040
+    assert len(P.encode_chunk("a" * 32, 0, bytes(32), b"x" * 1000)) == 1040
 
 
 @pytest.mark.parametrize("payload", [b"", b"FC", b"XX\x01\x00" + bytes(36), b"FC\x02\x00" + bytes(36)])
 def test_bad_chunk_frames_are_refused(payload):
     with pytest.raises(P.BadMessage):
-        P.decode_chunk(payload)
+        P.decode_chunk(payload, "a" * 32)
 
 
 def test_every_truncation_of_a_manifest_is_refused_cleanly():
@@ -143,13 +145,13 @@ class Net:
         return out
 
 
-def cfg() -> TransferConfig:
+def cfg(wire: str = "binary") -> TransferConfig:
     return TransferConfig(status_interval=0.3, resend_after=0.5, stall_timeout=1.5, sync_bytes=4096, min_free=0,
-                          window=8)
+                          window=8, wire=wire)
 
 
 def run(tmp: Path, data: bytes, *, seed: int, loss=0.0, dup=0.0, shuffle=False, crash_rx_at=None,
-        crash_tx_at=None, damage=False, limit=600.0) -> tuple[Receiver, Outgoing, dict]:
+        crash_tx_at=None, damage=False, limit=600.0, wire: str = "binary") -> tuple[Receiver, Outgoing, dict]:
     rng = random.Random(seed)
     clock, net = Clock(), Net(rng, loss, dup, shuffle)
     spool = tmp / "spool"
@@ -157,13 +159,13 @@ def run(tmp: Path, data: bytes, *, seed: int, loss=0.0, dup=0.0, shuffle=False, 
     src.write_bytes(data)
 
     def new_rx() -> Receiver:
-        r = Receiver(cfg(), spool, lambda t, p: net.send(net.to_tx, t, p), LOG, clock)
+        r = Receiver(cfg(wire), spool, lambda t, p: net.send(net.to_tx, t, p), LOG, clock)
         r.recover()
         return r
 
     def new_engine() -> Engine:
         return Engine("iot", lambda t, p: net.send(net.to_rx, t, p), window=8, rate_limit=0, resend_after=0.5,
-                      stall_timeout=1.5, log=LOG, clock=clock)
+                      stall_timeout=1.5, log=LOG, clock=clock, codec=codec(wire))
 
     def outgoing(m: P.Manifest, resumed: bool) -> Outgoing:
         fd = os.open(src, os.O_RDONLY)
@@ -182,7 +184,7 @@ def run(tmp: Path, data: bytes, *, seed: int, loss=0.0, dup=0.0, shuffle=False, 
             rx.handle(topic, payload, "iot")
         rx.tick(True, True)
         for topic, payload in net.take(net.to_tx):
-            fid, kind = P.parse_topic("iot", topic)
+            fid, kind = codec(wire).parse_topic("iot", topic)
             engine.on_message(fid, kind, payload)
         if steps == crash_rx_at:  # kill -9: no close, no final sync; page cache survives
             seen["rx_had"] = [(p.count, len(p.idx.load()), p.m.chunks) for p in rx.partials.values()]
@@ -208,38 +210,42 @@ def run(tmp: Path, data: bytes, *, seed: int, loss=0.0, dup=0.0, shuffle=False, 
     return rx, t, seen
 
 
+@pytest.mark.parametrize("wire", WIRES)
 @pytest.mark.parametrize("size", [0, 1, CHUNK, 8 * CHUNK, 50 * CHUNK + 7])
-def test_clean_network(tmp_path, size):
+def test_clean_network(tmp_path, size, wire):
     data = os.urandom(size)
-    rx, t, seen = run(tmp_path, data, seed=size)
+    rx, t, seen = run(tmp_path, data, seed=size, wire=wire)
     assert t.state == "done" and t.retries == 0 and not seen
     assert (tmp_path / "spool" / "f.bin").read_bytes() == data
 
 
+@pytest.mark.parametrize("wire", WIRES)
 @pytest.mark.parametrize("seed", range(8))
-def test_lossy_duplicating_reordering_network(tmp_path, seed):
+def test_lossy_duplicating_reordering_network(tmp_path, seed, wire):
     data = os.urandom(40 * CHUNK + seed)
-    rx, t, seen = run(tmp_path, data, seed=seed, loss=0.15, dup=0.15, shuffle=True)
+    rx, t, seen = run(tmp_path, data, seed=seed, loss=0.15, dup=0.15, shuffle=True, wire=wire)
     assert t.state == "done", t.reason
     assert (tmp_path / "spool" / "f.bin").read_bytes() == data
     assert t.ack is not None and t.ack.name == "f.bin"
     assert t.retries > 0
 
 
+@pytest.mark.parametrize("wire", WIRES)
 @pytest.mark.parametrize("seed", range(4))
-def test_receiver_crash_on_a_lossy_network(tmp_path, seed):
+def test_receiver_crash_on_a_lossy_network(tmp_path, seed, wire):
     data = os.urandom(60 * CHUNK)
-    rx, t, seen = run(tmp_path, data, seed=seed, loss=0.1, dup=0.1, shuffle=True, crash_rx_at=5 + seed)
+    rx, t, seen = run(tmp_path, data, seed=seed, loss=0.1, dup=0.1, shuffle=True, crash_rx_at=5 + seed, wire=wire)
     ((had, kept, chunks),) = seen["rx_had"]  # crashed mid-way; what was not synced yet is lost
     assert kept <= had and 0 < had < chunks
     assert t.state == "done"
     assert (tmp_path / "spool" / "f.bin").read_bytes() == data
 
 
+@pytest.mark.parametrize("wire", WIRES)
 @pytest.mark.parametrize("seed", range(4))
-def test_sender_crash_on_a_lossy_network(tmp_path, seed):
+def test_sender_crash_on_a_lossy_network(tmp_path, seed, wire):
     data = os.urandom(60 * CHUNK)
-    rx, t, seen = run(tmp_path, data, seed=seed, loss=0.1, dup=0.1, shuffle=True, crash_tx_at=3 + seed)
+    rx, t, seen = run(tmp_path, data, seed=seed, loss=0.1, dup=0.1, shuffle=True, crash_tx_at=3 + seed, wire=wire)
     ((sent,),) = [seen["tx_had"]]
     assert 0 < sent < 60
     assert t.state == "done"
@@ -299,7 +305,7 @@ def test_a_manifest_whose_file_hash_contradicts_its_chunks_is_refused(tmp_path):
     rx.handle(P.topic("iot", m.file_id, "meta"), P.encode_meta(m), "iot")
     for i in range(3):
         rx.handle(P.topic("iot", m.file_id, "chunk"),
-                  P.encode_chunk(i, m.chunk_digest(i), data[i * CHUNK:(i + 1) * CHUNK]), "iot")
+                  P.encode_chunk(m.file_id, i, m.chunk_digest(i), data[i * CHUNK:(i + 1) * CHUNK]), "iot")
     (status,) = [P.decode_status(p, m.file_id) for t, p in out if t.endswith("/status")]
     assert status.state == P.REFUSED and "does not match" in status.reason
     assert not any(t.endswith("/ack") for t, _ in out)

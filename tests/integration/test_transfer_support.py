@@ -1,7 +1,8 @@
 """Shared pieces of the file transfer tests (no tests here): two nodes with their own config
 and state folder, a sender and a receiver started as real daemons, and the checks every
 fault test ends with: the file byte-identical in the spool and exactly one completion in the
-sender's journal and logs."""
+sender's journal and logs. For the seed-json tests, the seed-format peer of tests/seedpeer.py
+as processes: SeedReceiver and SeedSender."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import orjson
 import pytest
 
 from tests.faultproxy import FaultProxy
-from tests.support import wait_for
+from tests.support import ROOT, wait_for
+
+SEEDPEER = ROOT / "tests" / "seedpeer.py"
 
 # Fast timers so that every fault heals within a second or two.
 FAST = {"settle_time": 0.2, "resend_after": 0.5, "stall_timeout": 1.5, "status_interval": 0.3,
@@ -133,6 +136,116 @@ class Pair:
 
     def retries(self, name: str) -> int:
         return sum(r["retries"] for r in self.tx.records("done") if r.get("stored_as") == name)
+
+
+class SeedReceiver:
+    """tests/seedpeer.py's receiver as a process, with its own storage folder: files land there
+    under their file id."""
+
+    def __init__(self, daemon, root: Path, port: int, status_interval: float = 0.3):
+        self.daemon, self.port, self.status_interval = daemon, port, status_interval
+        self.storage = root / "seed-receiver"
+        self.procs: list = []
+
+    def start(self, subscribed: bool = True):
+        proc, _ = self.daemon(str(SEEDPEER), "receive", "--storage-dir", str(self.storage), "--port", str(self.port),
+                              "--status-interval", str(self.status_interval), ready=False)
+        self.procs.append(proc)
+        if subscribed:
+            wait_for(lambda: "subscribed" in proc.log() or not proc.running(), 10, what="the seed receiver's SUBACK")
+            assert proc.running(), proc.log()
+        return proc
+
+    def log(self) -> str:
+        return "".join(p.log() for p in self.procs)
+
+    def chunks(self) -> int:
+        """Chunks received, over its unfinished files (as its state files say)."""
+        n = 0
+        for p in (self.storage / ".state").glob("*.json"):
+            try:
+                st = orjson.loads(p.read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            n += 0 if st["complete"] else len(st["received"])
+        return n
+
+
+class SeedSender:
+    """tests/seedpeer.py's sender, one process per file; exits 0 once acknowledged."""
+
+    def __init__(self, daemon, root: Path, port: int):
+        self.daemon, self.port, self.root = daemon, port, root
+        self.procs: list = []
+
+    def start(self, path: Path, *args: str, port: int | None = None):
+        proc, _ = self.daemon(str(SEEDPEER), "send", str(path), "--port", str(port or self.port),
+                              "--reannounce", "0.5", *args, ready=False)
+        self.procs.append(proc)
+        return proc
+
+    def file(self, name: str, data: bytes) -> Path:
+        path = self.root / "seed-sender" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    def log(self) -> str:
+        return "".join(p.log() for p in self.procs)
+
+    def file_id(self, proc) -> str:
+        m = wait_for(lambda: re.search(r"seed-sender: id=(\S+)", proc.log()), 10, what="the seed sender's file id")
+        return m.group(1)
+
+    def wait_acked(self, proc, timeout: float = 30.0) -> None:
+        try:
+            wait_for(lambda: not proc.running(), timeout, what="the seed sender to get its ack and exit")
+        except TimeoutError as e:
+            raise AssertionError(f"{e}\n{proc.log()}") from None
+        assert proc.wait(1) == 0 and "seed-sender: acked" in proc.log(), proc.log()
+
+
+def wait_sent_to_seed(pair: Pair, seed: SeedReceiver, name: str, data: bytes, timeout: float = 30.0) -> str:
+    """Our sender's file `name` is byte-identical in the seed receiver's storage (under its
+    file id), and the sender completed it exactly once (journal and log). Returns the id."""
+    try:
+        start = wait_for(lambda: [r for r in pair.tx.records("start") if r["name"] == name], timeout,
+                         what=f"the transfer of {name} to start")[-1]
+        target = seed.storage / start["id"]
+        wait_for(lambda: target.exists() and target.stat().st_size == len(data), timeout, what=f"{name} stored")
+        wait_for(lambda: any(r["id"] == start["id"] for r in pair.tx.records("done")), timeout,
+                 what=f"the sender's completion of {name}")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\n--- sender\n{pair.logs(pair.senders)}\n--- seed receiver\n{seed.log()}") from None
+    assert target.read_bytes() == data, f"{name} differs from what was sent"
+    assert len([r for r in pair.tx.records("done") if r["id"] == start["id"]]) == 1
+
+    def lines() -> list[str]:
+        return re.findall(r"iot-transfer-send: sent name=" + re.escape(_logged(name)) + " ", pair.logs(pair.senders))
+
+    wait_for(lines, 10, what=f"the 'sent' log line for {name}")
+    assert len(lines()) == 1, pair.logs(pair.senders)
+    return start["id"]
+
+
+def wait_received_from_seed(pair: Pair, sender: SeedSender, proc, data: bytes, timeout: float = 30.0) -> str:
+    """The seed sender got its ack, and our receiver holds the file, byte-identical, once,
+    under the file id (the seed's manifest has no name). Returns the id."""
+    fid = sender.file_id(proc)
+    try:
+        sender.wait_acked(proc, timeout)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n--- receiver\n{pair.logs(pair.receivers)}") from None
+    assert (pair.rx.spool / fid).read_bytes() == data
+    assert not list(pair.rx.spool.glob(f"{fid} (*")), "stored twice"
+
+    def lines() -> list[str]:  # logged just after the ack is published: the sender may be faster
+        return re.findall(r"iot-transfer-recv: received name=" + re.escape(_logged(fid)) + " ",
+                          pair.logs(pair.receivers))
+
+    wait_for(lines, 10, what="the receiver's 'received' log line")
+    assert len(lines()) == 1, pair.logs(pair.receivers)
+    return fid
 
 
 def _logged(value: str) -> str:
