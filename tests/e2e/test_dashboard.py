@@ -316,6 +316,8 @@ def test_the_page_reconnects_after_the_dashboard_and_the_broker_restart(broker, 
 
 def test_node_view_shows_the_set_under_iotctl_up(tmp_path, open_page):
     port, dash_port = free_port(), free_port()
+    while dash_port == port:  # two free_port() calls may hand out the same number
+        dash_port = free_port()
     var = tmp_path / "var"
     cfg = tmp_path / "iot.toml"
     cfg.write_text(f'[paths]\nstate_dir = "{var}"\n[broker]\nhost = "127.0.0.1"\nport = {port}\n'
@@ -340,7 +342,12 @@ def test_node_view_shows_the_set_under_iotctl_up(tmp_path, open_page):
         wait_for(lambda: port_open(dash_port), 30, what="the dashboard listening")
         page = open_page(f"http://127.0.0.1:{dash_port}/#node")
         daemons = page.locator("#daemons .body")
-        expect(daemons).to_contain_text(f"{len(programs)} of {len(programs)} running", timeout=30_000)
+        try:
+            expect(daemons).to_contain_text(f"{len(programs)} of {len(programs)} running", timeout=30_000)
+        except AssertionError as e:  # say why a program is not running (once seen under load: the broker)
+            logs = {p.name: (var / "log" / f"{p.name}.log") for p in programs}
+            tails = {n: f.read_text(errors="replace")[-1500:] for n, f in logs.items() if f.exists()}
+            raise AssertionError(f"{e}\nlogs: {tails}") from None
         for p in programs:
             expect(daemons.locator("tr", has_text=p.name).first).to_contain_text("RUNNING")
         broker = page.locator("#broker .body")
@@ -362,3 +369,5 @@ def test_node_view_shows_the_set_under_iotctl_up(tmp_path, open_page):
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
+            # supervisord's programs may sit in process groups of their own: none may outlive the test.
+            subprocess.run(["pkill", "-KILL", "-f", str(cfg)], check=False)
