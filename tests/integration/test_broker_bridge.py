@@ -195,7 +195,7 @@ def test_failover_to_the_second_address(broker_factory, tmp_path):
     local = broker_factory(own_store(tmp_path, "l") + bridge("fo", dead, remote.port, topics=("f/# out 1",)))
     wait_up(local.port, "fo")
     log = local.proc.log()
-    assert f"connect failed" in log and f"address=127.0.0.1:{dead}" in log
+    assert "connect failed" in log and f"address=127.0.0.1:{dead}" in log
     assert f"bridge: connected to 127.0.0.1:{remote.port}" in log
     rc, inbox = paho_client(remote.port)
     subscribe_sync(rc, [("f/#", 1)])
