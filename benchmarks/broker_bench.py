@@ -183,13 +183,14 @@ class PubAcks:
 
 
 def run_flow(port: int, *, qos: int, n: int, pubs: int, subs: int, window: int, topic_of, sub_filter: str,
-             pub_inflight: int = 20) -> tuple[float, int]:
-    """Publish n messages in total from `pubs` publishers; every subscriber gets every message.
+             pub_inflight: int = 20, sub_port: int | None = None) -> tuple[float, int]:
+    """Publish n messages in total from `pubs` publishers; every subscriber gets every message
+    (subscribed on `sub_port`, default `port`: another broker, across a bridge).
     Returns (seconds, messages delivered to the slowest subscriber)."""
     sel = selectors.DefaultSelector()
     subscribers = []
     for i in range(subs):
-        s = connect(port, f"bench-sub-{i}")
+        s = connect(sub_port or port, f"bench-sub-{i}")
         subscribe(s, sub_filter, qos)
         s.setblocking(False)
         sample = encode_publish(topic_of(0).encode(), PAYLOAD, qos, False, False, 1 if qos else None)

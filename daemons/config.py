@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -165,12 +166,107 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BridgeTopic:
+    """One `topic` line of a bridge, as Mosquitto parses it (see parse_bridge_topic)."""
+
+    pattern: str
+    direction: str  # "out", "in" or "both"
+    qos: int
+    local_prefix: str
+    remote_prefix: str
+
+    @property
+    def local(self) -> str:
+        """The filter on the local side (the topic itself when the pattern is "")."""
+        return self.local_prefix + self.pattern
+
+    @property
+    def remote(self) -> str:
+        return self.remote_prefix + self.pattern
+
+
+BRIDGE_DIRECTIONS = ("out", "in", "both")
+
+
+def parse_bridge_topic(line: str) -> BridgeTopic:
+    """`PATTERN [[[out|in|both] QOS] LOCAL_PREFIX REMOTE_PREFIX]`, Mosquitto's `topic`; `""`
+    stands for an empty pattern or prefix. An empty pattern needs both prefixes: they are the
+    two full topics (one topic remapped). Raises ValueError saying what is expected."""
+    from .broker.packets import ProtocolError, validate_topic_filter  # noqa: PLC0415 - pure, and only needed here
+
+    words = ["" if w == '""' else w for w in line.split()]
+    if not words or len(words) > 5 or len(words) == 4:
+        raise ValueError(f'expected "PATTERN [out|in|both [QOS [LOCAL_PREFIX REMOTE_PREFIX]]]", got {line!r}')
+    pattern, direction, qos, local, remote = words + ["out", "0", "", ""][len(words) - 1:]
+    if direction not in BRIDGE_DIRECTIONS:
+        raise ValueError(f"expected a direction out, in or both, got {direction!r} in {line!r}")
+    if qos not in ("0", "1", "2"):
+        raise ValueError(f"expected a QoS 0, 1 or 2, got {qos!r} in {line!r}")
+    for prefix in (local, remote):
+        if "+" in prefix or "#" in prefix:
+            raise ValueError(f"a prefix may not hold wildcards, got {prefix!r} in {line!r}")
+    if not pattern and not (local and remote):
+        raise ValueError(f'an empty pattern ("") needs a local and a remote prefix, got {line!r}')
+    t = BridgeTopic(pattern, direction, int(qos), local, remote)
+    try:
+        validate_topic_filter(t.local)
+        validate_topic_filter(t.remote)
+    except ProtocolError as e:
+        raise ValueError(f"not a topic filter: {e} in {line!r}") from None
+    if not pattern and ("+" in t.local or "#" in t.local):
+        raise ValueError(f"remapping one topic needs topics without wildcards, got {line!r}")
+    return t
+
+
+def _address(text: str) -> None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f'expected "host:port" with a port from 1 to 65535, got {text!r}')
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    """One `[[broker.bridge]]` table: a connection to another broker, Mosquitto's bridge
+    options by their names (broker/bridge.py)."""
+
+    # Mosquitto's `connection`: names the bridge in logs, $SYS and the store.
+    name: str = field(metadata={"required": "each bridge needs a name (Mosquitto's connection)"})
+    # "host:port" addresses, tried in order: the next one when a connect fails.
+    address: tuple[str, ...] = field(metadata={"required": 'each bridge needs address = ["host:port", ...]'})
+    topic: tuple[str, ...] = ()
+    # "" = "<hostname>.<name>", as Mosquitto.
+    remote_clientid: str = ""
+    remote_username: str = ""
+    remote_password: str = ""
+    # TLS to the remote: on with bridge_cafile (the remote's certificate is verified against it).
+    bridge_cafile: Path | None = None
+    bridge_certfile: Path | None = None
+    bridge_keyfile: Path | None = None
+    cleansession: bool = False
+    keepalive_interval: int = field(default=60, metadata=_range(5, 65535))
+    # CONNECT with protocol level 0x84 (a bridge, as Mosquitto), then 4 if the remote refuses it.
+    try_private: bool = True
+    # Seconds before connecting again after the connection was lost or every address failed.
+    restart_timeout: float = field(default=5.0, metadata=_range(0.1, 3600))
+
+    @property
+    def topics(self) -> tuple[BridgeTopic, ...]:
+        return tuple(parse_bridge_topic(line) for line in self.topic)
+
+    @property
+    def clientid(self) -> str:
+        return self.remote_clientid or f"{socket.gethostname()}.{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerConfig:
     host: str = "0.0.0.0"
     port: int = field(default=1883, metadata=_range(1, 65535))
     # More listeners, [[broker.listener]] tables: TLS, WebSocket, other addresses. host/port
     # above stay the default listener.
     listener: tuple[ListenerConfig, ...] = ()
+    # Bridges to other brokers, [[broker.bridge]] tables (Mosquitto's bridge options).
+    bridge: tuple[BridgeConfig, ...] = ()
     max_connections: int = field(default=4096, metadata=_range(1, 1_000_000))
     # Largest packet body (remaining length, without the fixed header) accepted from a client.
     max_packet_size: int = field(default=16 * 1024 * 1024, metadata=_range(64, 268_435_455))
@@ -693,6 +789,8 @@ def _convert(f: dataclasses.Field, value: Any, key: str, path: Path | str | None
         return dict(value)
     if kind == "tuple[ListenerConfig, ...]":
         return _listeners(value, path, base)
+    if kind == "tuple[BridgeConfig, ...]":
+        return _bridges(value, path, base)
     if kind == "tuple[PlcDeviceConfig, ...]":
         return _plc_devices(value, path, base)
     if kind == "tuple[RegisterConfig, ...]":
@@ -740,6 +838,41 @@ def _listeners(value: Any, path: Path | None, base: Path) -> tuple[ListenerConfi
             if p is not None and not p.is_file():
                 raise ConfigError(path, f"{label} {key}", f"no such file: {p}")
         out.append(lc)
+    return tuple(out)
+
+
+def _bridges(value: Any, path: Path | None, base: Path) -> tuple[BridgeConfig, ...]:
+    """`[[broker.bridge]]` tables: names unique and usable in a topic, addresses "host:port",
+    every topic line parsed, TLS files present, so a mistake ends the start naming the key."""
+    out = []
+    names = set()
+    for i, bc in enumerate(_tables(BridgeConfig, "[[broker.bridge]]", value, path, base), 1):
+        label = f"[[broker.bridge]] #{i}"
+        if not _NAME.fullmatch(bc.name) or bc.name in names:
+            raise ConfigError(path, f"{label} name", "expected a unique name of letters, digits, '_', '.', '-' "
+                                                     f"(at most 64), got {bc.name!r}")
+        names.add(bc.name)
+        if not bc.address:
+            raise ConfigError(path, f"{label} address", 'missing: expected at least one "host:port"')
+        for key, check in (("address", _address), ("topic", parse_bridge_topic)):
+            for text in getattr(bc, key):
+                try:
+                    check(text)
+                except ValueError as e:
+                    raise ConfigError(path, f"{label} {key}", str(e)) from None
+        if not bc.topic:
+            raise ConfigError(path, f"{label} topic", 'missing: expected at least one "PATTERN out|in|both QOS"')
+        if bc.remote_password and not bc.remote_username:
+            raise ConfigError(path, f"{label} remote_password", "needs remote_username")
+        if (bc.bridge_certfile is None) != (bc.bridge_keyfile is None):
+            raise ConfigError(path, f"{label} bridge_keyfile", "bridge_certfile and bridge_keyfile go together")
+        if bc.bridge_certfile is not None and bc.bridge_cafile is None:
+            raise ConfigError(path, f"{label} bridge_cafile", "needed for TLS (bridge_certfile is set)")
+        for key in ("bridge_cafile", "bridge_certfile", "bridge_keyfile"):
+            p = getattr(bc, key)
+            if p is not None and not p.is_file():
+                raise ConfigError(path, f"{label} {key}", f"no such file: {p}")
+        out.append(bc)
     return tuple(out)
 
 

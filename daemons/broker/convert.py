@@ -127,7 +127,27 @@ class _Mapper:
         self.default_listener(default, tables)
         self.security(listeners, default, tables)
         self.max_connections(listeners)
+        self.bridge_tables = [t for t in (self.bridge(b) for b in m.bridges) if t is not None]
         return self.broker, [t for _, t in tables]
+
+    def bridge(self, b) -> dict[str, Key] | None:
+        """A `connection` section as a [[broker.bridge]] table, checked as iot-broker checks it
+        (a topic line it would refuse is reported with the reason); None if it cannot be one."""
+        t: dict[str, Key] = {}
+        self.put("name", b.name, b.line, into=t)
+        for key, setting in b.opts.items():
+            self.put(key, setting.value, setting.line, into=t)
+        for key in ("address", "topic"):
+            if key not in t:
+                self.problem(b.line, f"the bridge has no {key}: Mosquitto refuses the file; left out")
+                return None
+        try:
+            configmod.parse({"broker": {"bridge": [{k: v.value for k, v in t.items()}]}}, None)
+        except configmod.ConfigError as e:
+            key = e.key.split()[-1]
+            self.problem(t[key].line if key in t else b.line, f"{e.problem}; the bridge is left out")
+            return None
+        return t
 
     # listeners -----------------------------------------------------------------------------
 
@@ -426,7 +446,7 @@ def _keys(keys: list[Key]) -> list[str]:
 
 
 def render(source: Path, files: list[str], broker: dict[str, Key], tables: list[dict[str, Key]],
-           problems: list[Report], notes: list[Report]) -> str:
+           problems: list[Report], notes: list[Report], bridges: list[dict[str, Key]] = ()) -> str:
     lines = [f"# iot-broker's [broker] section, converted from the Mosquitto configuration {_comment(str(source))}",
              "# by `iotctl broker-config --from-mosquitto`. Files read, in Mosquitto's order:"]
     lines += [f"#   {_comment(f)}" for f in files]
@@ -439,6 +459,8 @@ def render(source: Path, files: list[str], broker: dict[str, Key], tables: list[
     lines += _keys([broker[k] for k in _ORDER if k in broker])
     for t in tables:
         lines += ["", "[[broker.listener]]"] + _keys(list(t.values()))
+    for t in bridges:
+        lines += ["", "[[broker.bridge]]"] + _keys(list(t.values()))
     return "\n".join(lines) + "\n"
 
 
@@ -459,7 +481,7 @@ def convert(path: str | os.PathLike, cwd: str | os.PathLike | None = None,
 
     mapper.problems.sort(key=position)
     mapper.notes.sort(key=position)
-    text = render(m.main, m.files, broker, tables, mapper.problems, mapper.notes)
+    text = render(m.main, m.files, broker, tables, mapper.problems, mapper.notes, mapper.bridge_tables)
     try:
         configmod.parse(tomllib.loads(text), out)
     except (tomllib.TOMLDecodeError, configmod.ConfigError) as e:  # our bug, not the user's
@@ -472,7 +494,7 @@ def convert(path: str | os.PathLike, cwd: str | os.PathLike | None = None,
 
 DESCRIPTION = """\
 Convert a Mosquitto 2 configuration (with the files its include_dir names) into iot-broker's
-[broker] section and [[broker.listener]] tables, printed or written to OUT. What iot-broker
+[broker] section, [[broker.listener]] and [[broker.bridge]] tables, printed or written to OUT. What iot-broker
 supports is converted; every other line is listed at the top of the output and on stderr as
 FILE:LINE: not converted: OPTION ...: why"""
 

@@ -82,6 +82,8 @@ from .sessions import Message, Session
 from .topics import SubscriptionTree
 
 VERSION = "iot-broker 0.1.0"
+# Client ids of the local sessions of our bridges (bridge.py); no client may take one.
+BRIDGE_PREFIX = "$bridge/"
 PINGRESP = b"\xd0\x00"
 
 
@@ -179,6 +181,7 @@ class Broker:
         self.clock = clock
         self._auto_id = itertools.count(1)
         self._limit_lines: dict[str, int] = {}  # limit_hit() calls per log message
+        self.bridges: list = []  # bridge.Bridge, set by the server: in $SYS and the summary
         self._handlers = {
             Publish: self._publish,
             Puback: self._puback,
@@ -201,6 +204,9 @@ class Broker:
                            max_topic_levels=self.limits.max_topic_levels)
             return False  # a protocol matter, not one a CONNACK code names: closed without one
         client_id = pkt.client_id
+        if client_id.startswith(BRIDGE_PREFIX):
+            conn.send(encode(Connack(False, ConnackCode.IDENTIFIER_REJECTED)))  # our bridges' own sessions
+            return False
         if not client_id:
             # A server-assigned id only makes sense for a session that ends with the connection.
             if not pkt.clean_session or not self.limits.allow_zero_length_clientid:
@@ -230,6 +236,7 @@ class Broker:
                 session.sid = self.store.new_session()
         session.clean = pkt.clean_session
         session.username = username
+        session.no_local = pkt.bridge
         session.attach(conn)
         if session.sid is not None:
             self.store.save_session(session)
@@ -304,6 +311,8 @@ class Broker:
         routed = self._may_publish(session, pkt.topic, "PUBLISH")  # denied: acknowledged, dropped
         if routed:
             matches = self._readers(pkt.topic, self.tree.match(pkt.topic))
+            if session.no_local:
+                matches.pop(session, None)  # a bridge's message never goes back over it: no loops
             if qos and self.limits.queue_full == "block" and not self._room(conn, matches):
                 return False
         self.stats.publish_received += 1
@@ -379,7 +388,7 @@ class Broker:
         if matches is None:
             matches = self._readers(msg.topic, self.tree.match(msg.topic))
         for session, granted in matches.items():
-            if session.deliver(msg, granted if granted < qos else qos):
+            if session.deliver(msg, granted if granted < qos else qos, msg.retain and session.no_local):
                 sent += 1
             else:
                 dropped += 1
@@ -458,6 +467,47 @@ class Broker:
         for topic, payload, qos in loaded.retained:
             self.retained.set(topic, payload, qos)
 
+    # bridges (bridge.py) ------------------------------------------------------------------------
+
+    def bridge_session(self, name: str, filters: dict[str, int]) -> Session:
+        """The local session of bridge `name`, persistent (its queue for the remote is in the
+        store), subscribed to exactly `filters`. A filter it already had keeps its place and
+        gets no retained messages again, so a restart does not resend them upstream."""
+        client_id = BRIDGE_PREFIX + name
+        session = self.sessions.get(client_id) or self._new_session(client_id, False)
+        session.no_local = True
+        if self.persist and session.sid is None:
+            session.store = self.store
+            session.sid = self.store.new_session()
+        for f in [f for f in session.subscriptions if f not in filters]:
+            del session.subscriptions[f]
+            self.tree.unsubscribe(session, f)
+        new = [f for f in filters if f not in session.subscriptions]
+        for f, qos in filters.items():
+            self.tree.subscribe(session, f, qos)
+            session.subscriptions[f] = qos
+        session.disconnected_at = session.disconnected_at or self.clock()
+        self._save_subscriptions(session)
+        for f in new:
+            for r in self.retained.match(f):
+                session.deliver(Message(r.topic, r.payload, r.qos, True), min(r.qos, filters[f]), retain=True)
+        return session
+
+    def bridge_attach(self, session: Session, link) -> None:
+        """The remote is connected: what waits for it goes out, unacknowledged ones first."""
+        link.session = session
+        session.attach(link)
+        self._save_subscriptions(session)
+        session.resume()
+
+    def bridge_detach(self, session: Session, link) -> None:
+        if session.conn is link:
+            session.detach(self.clock())
+            self._save_subscriptions(session)
+        link.session = None
+        if session.waiters:
+            self._wake(session)
+
     # access ----------------------------------------------------------------------------------
 
     def _login(self, conn, pkt: Connect, client_id: str) -> tuple[ConnackCode | None, str | None]:
@@ -488,8 +538,11 @@ class Broker:
     def _may_publish(self, session: Session, topic: str, what: str) -> bool:
         """May this client (or its will) publish to `topic`? No client may under $SYS/."""
         acl = self.access.acl
-        if topic.startswith("$SYS/") or (acl is not None and not acl.can_write(session.client_id, session.username,
-                                                                                topic)):
+        # Our own bridges' topics are the operator's config, not a client's: no ACL applies.
+        if session.no_local and topic.startswith("$SYS/broker/connection/"):
+            return True  # a Mosquitto bridge's notification of its own state
+        if topic.startswith("$SYS/") or (acl is not None and not session.client_id.startswith(BRIDGE_PREFIX)
+                                         and not acl.can_write(session.client_id, session.username, topic)):
             self.limit_hit("publish_denied", f"denied {what} from {session.client_id} to {topic}",
                            key=f"denied {what}", client=session.client_id, user=session.username or "-", topic=topic)
             return False
@@ -500,7 +553,8 @@ class Broker:
         acl = self.access.acl
         if acl is None or not matches:
             return matches
-        return {s: g for s, g in matches.items() if acl.can_read(s.client_id, s.username, topic)}
+        return {s: g for s, g in matches.items()
+                if s.client_id.startswith(BRIDGE_PREFIX) or acl.can_read(s.client_id, s.username, topic)}
 
     # limits ----------------------------------------------------------------------------------
 
@@ -567,7 +621,7 @@ class Broker:
             return 0
         expired = []
         for s in self.sessions.values():
-            if s.conn is None and not s.clean:
+            if s.conn is None and not s.clean and not s.client_id.startswith(BRIDGE_PREFIX):
                 if s.disconnected_at is None:
                     s.disconnected_at = now  # never attached since it was made (restored): away from now
                 elif now - s.disconnected_at > expiry:
@@ -591,7 +645,11 @@ class Broker:
         """$SYS/broker/... values with Mosquitto's topic names."""
         s = self.stats
         total = len(self.sessions)
+        bridges: dict[str, str] = {}
+        for b in self.bridges:
+            bridges.update(b.sys_topics())
         return {
+            **bridges,
             "$SYS/broker/version": VERSION,
             "$SYS/broker/uptime": f"{int(self.clock() - self.started)} seconds",
             "$SYS/broker/clients/connected": str(self.connected),
@@ -631,7 +689,8 @@ class Broker:
         s = self.stats
         return (f"clients={self.connected} sessions={len(self.sessions)} msgs_in={s.publish_received} "
                 f"msgs_out={s.publish_sent} dropped={s.publish_dropped} held={s.publish_held} "
-                f"retained={len(self.retained)} stored_bytes={self.store.bytes}")
+                f"retained={len(self.retained)} stored_bytes={self.store.bytes}"
+                + (" bridges=" + ",".join(b.summary() for b in self.bridges) if self.bridges else ""))
 
 
 __all__ = ["Broker", "Limits", "Message", "Stats", "Will"]

@@ -114,6 +114,24 @@ class Listener:
         return "certfile" not in self.opts and self.opts.get("protocol", Setting("mqtt", None)).value == "mqtt"
 
 
+# Bridge options converted, by Mosquitto's name (and its old aliases): our [[broker.bridge]] key.
+BRIDGE_KEYS = {"address": "address", "addresses": "address", "topic": "topic", "remote_clientid": "remote_clientid",
+               "clientid": "remote_clientid", "remote_username": "remote_username", "username": "remote_username",
+               "remote_password": "remote_password", "password": "remote_password", "bridge_cafile": "bridge_cafile",
+               "bridge_certfile": "bridge_certfile", "bridge_keyfile": "bridge_keyfile",
+               "cleansession": "cleansession", "try_private": "try_private",
+               "keepalive_interval": "keepalive_interval", "restart_timeout": "restart_timeout"}
+
+
+@dataclass(slots=True, eq=False)
+class Bridge:
+    """One `connection` section: its name and the options after it, by our key names."""
+
+    line: Line
+    name: str
+    opts: dict[str, Setting] = field(default_factory=dict)  # address and topic hold lists
+
+
 @dataclass(slots=True)
 class Model:
     main: Path
@@ -125,6 +143,7 @@ class Model:
     per_listener: Setting | None = None  # per_listener_settings true
     saw_listener: bool = False  # a `listener`, `port` or `bind_address` line: not local only
     log_types: list[Setting] = field(default_factory=list)  # each valid `log_type` line, in order
+    bridges: list[Bridge] = field(default_factory=list)  # the `connection` sections, in order
     problems: list[Report] = field(default_factory=list)
     notes: list[Report] = field(default_factory=list)
 
@@ -140,7 +159,7 @@ class Model:
 # --- what each option is --------------------------------------------------------------------
 
 _LOGGING = "iot-broker logs to stderr / the journal ([log] level sets how much)"
-_BRIDGE = "bridges are not supported yet"
+_BRIDGE = "a bridge option iot-broker's bridges do not have"
 _PLUGIN = "plugins are not supported"
 _MQTT5 = "an MQTT 5 setting; iot-broker speaks MQTT 3.1.1 (and 3.1)"
 _MOSQ21 = "a Mosquitto 2.1 option; not supported"
@@ -151,11 +170,11 @@ UNSUPPORTED: dict[str, str] = {
     **dict.fromkeys(("log_dest", "log_timestamp", "log_timestamp_format", "log_facility",
                      "connection_messages", "websockets_log_level"), _LOGGING),
     **dict.fromkeys(("auth_plugin", "plugin", "global_plugin", "auth_plugin_deny_special_chars"), _PLUGIN),
-    **dict.fromkeys(("connection", "address", "addresses", "topic", "cleansession", "local_cleansession",
-                     "clientid", "remote_clientid", "local_clientid", "local_password", "local_username",
-                     "password", "remote_password", "username", "remote_username", "notifications",
-                     "notifications_local_only", "notification_topic", "keepalive_interval", "idle_timeout",
-                     "restart_timeout", "round_robin", "start_type", "threshold", "try_private"), _BRIDGE),
+    **dict.fromkeys(("local_cleansession", "local_clientid", "local_password", "local_username",
+                     "notifications_local_only", "notification_topic", "idle_timeout", "round_robin", "start_type",
+                     "threshold"), _BRIDGE),
+    "notifications": "iot-broker's bridges publish their state on the local broker only "
+                     "($SYS/broker/connection/<remote_clientid>/state)",
     **dict.fromkeys(("max_keepalive", "max_topic_alias", "max_topic_alias_broker", "max_qos", "maximum_qos"),
                     _MQTT5),
     **dict.fromkeys(("accept_protocol_versions", "enable_control_api", "global_max_clients",
@@ -374,12 +393,52 @@ class _Reader:
                 m.log_types.append(Setting(word, line))
         elif option in NOTES:
             self.note(line, NOTES[option])
+        elif option == "connection" or option in BRIDGE_KEYS:
+            self.bridge_option(line, option, value)
         elif option in UNSUPPORTED or option.startswith("bridge_"):
             if option in ("auth_plugin", "plugin", "auto_id_prefix", "psk_file", "check_retain_source"):
                 self.security_seen = True
             self.problem(line, UNSUPPORTED.get(option, _BRIDGE))
         else:
             self.problem(line, "not a Mosquitto 2.0 option (Mosquitto refuses the file)")
+
+    def bridge_option(self, line: Line, option: str, value: str) -> None:
+        """`connection NAME` opens a bridge; the options after it are that bridge's."""
+        m = self.m
+        if option == "connection":
+            if not value:
+                self.problem(line, "no value: Mosquitto refuses the file")
+                return
+            m.bridges.append(Bridge(line, value.split()[0]))
+            return
+        if not m.bridges:
+            self.problem(line, "a bridge option before any `connection` line: Mosquitto refuses the file")
+            return
+        b, key = m.bridges[-1], BRIDGE_KEYS[option]
+        if not value:
+            self.problem(line, "no value: Mosquitto refuses the file")
+        elif key == "address":
+            hosts = [w if ":" in w else f"{w}:1883" for w in value.split()]  # Mosquitto's default port
+            b.opts[key] = Setting(hosts, line)
+        elif key == "topic":
+            old = b.opts.get(key)
+            b.opts[key] = Setting((old.value if old else []) + [value], line)
+        elif key in ("cleansession", "try_private"):
+            flag = self.boolean(line, value)
+            if flag is not None:
+                b.opts[key] = Setting(flag, line)
+        elif key == "keepalive_interval":
+            b.opts[key] = Setting(atoi(value), line)
+        elif key == "restart_timeout":
+            words = value.split()
+            if len(words) > 1:
+                self.note(line, f"iot-broker waits a constant restart_timeout: {atoi(words[0])} s (the base), "
+                                "with no backoff up to the cap")
+            b.opts[key] = Setting(atoi(words[0]), line)
+        elif key.startswith("bridge_"):
+            b.opts[key] = Setting(self.path(value), line)
+        else:
+            b.opts[key] = Setting(value, line)
 
     def per_listener_settings(self, line: Line, value: str) -> None:
         flag = self.boolean(line, value)

@@ -133,6 +133,8 @@ class Connect:
     password: bytes | None = None
     protocol_name: str = "MQTT"
     protocol_level: int = 4
+    # A bridge's CONNECT (Mosquitto's try_private): the level with 0x80 set on the wire.
+    bridge: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +335,8 @@ def _decode_connect(flags: int, view: memoryview, pos: int, end: int) -> Connect
     if pos + 4 > end:
         raise MalformedPacket("CONNECT variable header is truncated")
     level, connect_flags = view[pos], view[pos + 1]
+    bridge = bool(level & 0x80)
+    level &= 0x7F
     if level != expected_level:
         raise UnacceptableProtocol(
             f"unsupported protocol level {level} for {name.decode()}", "MQTT-3.1.2-2"
@@ -372,7 +376,7 @@ def _decode_connect(flags: int, view: memoryview, pos: int, end: int) -> Connect
         raise MalformedPacket("trailing bytes after the CONNECT payload", rule or "MQTT-3.1.3-1")
     return Connect(
         client_id, bool(connect_flags & 0x02), keep_alive, will, username, password,
-        name.decode(), level,
+        name.decode(), level, bridge,
     )
 
 
@@ -780,7 +784,7 @@ def _encode_connect(packet: Connect) -> bytes:
         payload.append(_binary(packet.password))
     header = b"".join((
         _utf8(packet.protocol_name),
-        bytes((packet.protocol_level, connect_flags)),
+        bytes((packet.protocol_level | (0x80 if packet.bridge else 0), connect_flags)),
         _u16(packet.keep_alive),
     ))
     return _frame(0x10, header + b"".join(payload))

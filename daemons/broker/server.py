@@ -89,6 +89,7 @@ from ..service import Exit, Log, Service
 
 from . import trace
 from .auth import Acl, AuthFileError, PasswordFile
+from .bridge import Bridge
 from .core import Access, Broker, Limits
 from .packets import (Connack, Connect, Disconnect, PacketTooLarge, Pingreq, ProtocolError, Puback, Pubcomp, Publish,
                       Pubrec, Pubrel, Reader, Suback, Subscribe, Unsubscribe, decode, encode)
@@ -612,6 +613,8 @@ class Server:
         self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when counted)
         self.login_failures: dict[str, tuple[int, float]] = {}  # address -> (failures, since)
         self.trace_kinds: frozenset[str] = frozenset()
+        # [[broker.bridge]]: each with name, connected, queued, sent, received, dropped.
+        self.bridges: list[Bridge] = []
 
     def set_log_type(self, log_type: tuple[str, ...], verbose: bool) -> None:
         """Turn the packet trace on or off (at start and on SIGHUP), for open connections too."""
@@ -797,6 +800,13 @@ async def serve(svc: Service) -> None:
         svc.log.info("store opened", store=store.path, sessions=len(loaded.sessions), retained=len(loaded.retained),
                      queued=sum(len(s.rows) + s.on_disk for s in loaded.sessions),
                      queued_bytes=store.bytes, skipped=loaded.skipped)
+    # Bridge sessions after the store's (their queues are restored), before any client can
+    # publish (what it sends upstream is queued from the first message).
+    try:
+        srv.bridges = [Bridge(bc, srv.broker, svc.log) for bc in cfg.bridge]
+    except (OSError, ValueError) as e:  # a bridge_cafile/certfile that does not load (ssl.SSLError is an OSError)
+        raise Exit(service.EX_CONFIG, f"{svc.config.source}: [[broker.bridge]]: cannot load TLS files: {e}") from None
+    srv.broker.bridges = srv.bridges
     # The default listener, always there as Mosquitto's is, then the [[broker.listener]] tables.
     # Every TLS context is built (and every file read) before the first bind.
     listeners = [Listener(ListenerConfig(port=port, bind_address=host), "[broker] port", host, None)]
@@ -824,10 +834,14 @@ async def serve(svc: Service) -> None:
         svc.status_fn = srv.broker.summary
         svc.ready("listening on " + ", ".join(bound))
         timers = asyncio.create_task(srv.run_timers(svc))
+        for b in srv.bridges:
+            b.start()
         await svc.stopped()
     finally:
         if timers is not None:
             timers.cancel()
+        for b in srv.bridges:
+            await b.stop()
         for server in servers:
             server.close()
         srv.close_all()

@@ -91,7 +91,7 @@ class Session:
         "client_id", "clean", "conn", "will", "subscriptions", "inflight", "queue", "queued_bytes",
         "incoming_qos2", "max_inflight", "max_queued", "max_queued_bytes", "dropped", "waiters",
         "_next_pid", "store", "sid", "on_disk", "last_seq", "loading", "disconnected_at", "stored_bytes",
-        "username",
+        "username", "no_local",
     )
 
     def __init__(self, client_id: str, clean: bool, max_inflight: int, max_queued: int,
@@ -119,6 +119,9 @@ class Session:
         self.loading = False  # a page of on-disk messages is being read
         self.stored_bytes = 0  # of this session's messages in the store
         self.username: str | None = None  # as its client logged in: what the ACL checks
+        # A bridge (ours, or one that connected with try_private): what it publishes is not
+        # sent back to it, and it gets the retain flag as published.
+        self.no_local = False
         # When the client went away (the broker's clock: wall-clock time in the server, so it
         # stays meaningful in the store across restarts), for persistent_client_expiration.
         self.disconnected_at: float | None = None

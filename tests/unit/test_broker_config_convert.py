@@ -209,8 +209,9 @@ def test_body_limit_is_the_largest_body_of_a_packet_that_size():
     ("log_type verbose", "not a log_type (none, information, notice, warning, error, debug, subscribe, "
                          "unsubscribe, websockets, all): Mosquitto refuses the file"),
     ("log_type", "no value: Mosquitto refuses the file"),
-    ("connection bridge-1", "bridges are not supported yet"),
-    ("bridge_cafile /x", "bridges are not supported yet"),
+    ("connection bridge-1", "the bridge has no address: Mosquitto refuses the file; left out"),
+    ("bridge_cafile /x", "a bridge option before any `connection` line: Mosquitto refuses the file"),
+    ("round_robin true", "a bridge option iot-broker's bridges do not have"),
     ("auth_plugin /usr/lib/x.so", "plugins are not supported"),
     ("plugin /usr/lib/mosquitto_dynamic_security.so", "plugins are not supported"),
     ("plugin_opt_config_file /x", "plugins are not supported"),
@@ -532,3 +533,30 @@ def test_a_bad_boolean_on_a_listener_is_reported_not_a_crash(tmp_path):
                        "allow_anonymous true\n")
     assert problems(c)[1] == (f"{tmp_path}/mosquitto.conf:3: not converted: allow_zero_length_clientid maybe: not "
                               "true, false, 1 or 0: Mosquitto refuses the file")
+
+
+def test_a_bridge_section_becomes_a_bridge_table(tmp_path):
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not read by the conversion, only checked to exist\n")
+    c = conv(tmp_path, "listener 1883\nallow_anonymous true\n"
+                       "connection upstream\naddress cloud.example:8883 backup.example\nremote_clientid edge-7\n"
+                       "remote_username edge\nremote_password s3cret\nbridge_cafile ca.crt\ncleansession true\n"
+                       "keepalive_interval 30\ntry_private false\nrestart_timeout 5 60\n"
+                       "topic sensors/# out 1 \"\" site/7/\ntopic cmd/# in 2 site/7/ \"\"\ntopic \"\" both 0 a/b c/d\n",
+             cwd=tmp_path)
+    assert problems(c) == []
+    assert "iot-broker waits a constant restart_timeout: 5 s" in "\n".join(str(n) for n in c.notes)
+    b = configmod.parse(tomllib.loads(c.text), None).broker.bridge[0]
+    assert (b.name, b.address, b.remote_clientid, b.remote_username, b.remote_password) == (
+        "upstream", ("cloud.example:8883", "backup.example:1883"), "edge-7", "edge", "s3cret")
+    assert (b.bridge_cafile, b.cleansession, b.keepalive_interval, b.try_private, b.restart_timeout) == (
+        ca, True, 30, False, 5.0)
+    assert [(t.local, t.remote, t.direction, t.qos) for t in b.topics] == [
+        ("sensors/#", "site/7/sensors/#", "out", 1), ("site/7/cmd/#", "cmd/#", "in", 2), ("a/b", "c/d", "both", 0)]
+
+
+def test_a_bridge_topic_iot_broker_refuses_leaves_the_bridge_out_with_the_reason(tmp_path):
+    c = conv(tmp_path, "listener 1883\nallow_anonymous true\nconnection up\naddress h\ntopic a/# sideways 1\n")
+    assert problems(c) == [f"{tmp_path}/mosquitto.conf:5: not converted: topic a/# sideways 1: expected a direction "
+                           "out, in or both, got 'sideways' in 'a/# sideways 1'; the bridge is left out"]
+    assert "[[broker.bridge]]" not in c.text
