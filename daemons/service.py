@@ -160,6 +160,11 @@ def setup_logging(name: str, verbose: bool = False) -> Log:
 # -- the service -----------------------------------------------------------------------------
 
 
+def status_file(cfg: configmod.Config, program: str):
+    """Where a daemon run by supervisord keeps its last STATUS= line (`iotctl status` shows it)."""
+    return cfg.paths.state_dir / "run" / "status" / program
+
+
 class Service:
     """What a running daemon sees of its runtime. Created by `run()`."""
 
@@ -184,6 +189,8 @@ class Service:
         self._next_watchdog = now
         self._next_status = now + STATUS_INTERVAL
         self._ready = False
+        program = os.environ.get("SUPERVISOR_PROCESS_NAME")
+        self._status_file = status_file(cfg, program) if program and self._notifier.socket is None else None
 
     # notify ---------------------------------------------------------------------------------
 
@@ -194,10 +201,24 @@ class Service:
         """Tell the supervisor we serve. Call once the listener is bound / the client runs."""
         self._ready = True
         self.notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
+        if status:
+            self._write_status(status)
         self.log.info("ready", **({"status": status} if status else {}))
 
     def set_status(self, text: str) -> None:
         self.notify(f"STATUS={text}")
+        self._write_status(text)
+
+    def _write_status(self, text: str) -> None:
+        if self._status_file is not None:
+            # supervisord has no STATUS=: the same line goes where `iotctl status` reads it.
+            try:
+                tmp = self._status_file.with_suffix(".tmp")
+                tmp.write_text(text + "\n")
+                os.replace(tmp, self._status_file)
+            except OSError as e:
+                self._status_file = None  # once: a status line is not worth a log line a second
+                self.log.warning("cannot write the status file; iotctl status shows less", error=str(e))
 
     def tick(self) -> None:
         """Called from the daemon's own loop; cheap when nothing is due."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as configmod
+from .service import status_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,7 @@ def cmd_up(args: argparse.Namespace, log) -> int:
     cfg = configmod.load(args.config)
     progs = programs(cfg, factory=not args.no_factory)
     run, logs = _rundir(cfg), cfg.paths.state_dir / "log"
-    run.mkdir(parents=True, exist_ok=True)
+    (run / "status").mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
     conf = run / "supervisord.conf"
     conf.write_text(render(cfg, progs))
@@ -178,9 +179,22 @@ def status_rows(cfg: configmod.Config) -> list[tuple[str, str, str]] | None:
     """(name, state, detail) of every daemon: from this config's supervisord if it runs, else
     from systemd; None if neither runs. `iotctl status` and the dashboard's Node view."""
     try:
-        return [(p["name"], p["statename"], p["description"]) for p in rpc(cfg).supervisor.getAllProcessInfo()]
+        return [(p["name"], p["statename"], _detail(cfg, p)) for p in rpc(cfg).supervisor.getAllProcessInfo()]
     except OSError:
         return _systemd_states(cfg) if Path("/run/systemd/system").is_dir() else None
+
+
+def _detail(cfg: configmod.Config, info: dict) -> str:
+    """A running program's last STATUS= line (service.py writes it under supervisord), as
+    systemctl shows it; else supervisord's description (pid, uptime or why it stopped)."""
+    if info["statename"] == "RUNNING":
+        try:
+            f = status_file(cfg, info["name"])
+            if f.stat().st_mtime >= info["start"]:  # not a line a previous run left
+                return f"{info['description']}; {f.read_text().strip()}"
+        except OSError:
+            pass
+    return info["description"]
 
 
 def cmd_status(args: argparse.Namespace, log) -> int:

@@ -320,8 +320,12 @@ def test_node_view_shows_the_set_under_iotctl_up(tmp_path, open_page):
         dash_port = free_port()
     var = tmp_path / "var"
     cfg = tmp_path / "iot.toml"
+    nobody = free_port()  # an upstream that is not there: the bridge waits, not connected
     cfg.write_text(f'[paths]\nstate_dir = "{var}"\n[broker]\nhost = "127.0.0.1"\nport = {port}\n'
-                   f'acl_file = "{ACL}"\nsys_interval = 1\n[mqtt]\nport = {port}\n'
+                   f'acl_file = "{ACL}"\nsys_interval = 1\n'
+                   f'[[broker.bridge]]\nname = "upstream"\naddress = ["127.0.0.1:{nobody}"]\n'
+                   f'topic = ["factory/alarms/# out 1"]\n'
+                   f'[mqtt]\nport = {port}\n'
                    f'[factory]\ndashboard_port = {dash_port}\n')
     shutil.copy(ROOT / "etc/iot/ingest.keys", tmp_path / "ingest.keys")
     os.chmod(tmp_path / "ingest.keys", 0o600)
@@ -350,9 +354,13 @@ def test_node_view_shows_the_set_under_iotctl_up(tmp_path, open_page):
             raise AssertionError(f"{e}\nlogs: {tails}") from None
         for p in programs:
             expect(daemons.locator("tr", has_text=p.name).first).to_contain_text("RUNNING")
+        # the broker's STATUS= line beside supervisord's state, its bridge named in it
+        expect(daemons.locator("tr", has_text="iot-broker").first).to_contain_text("bridges=upstream:down",
+                                                                                   timeout=30_000)
         broker = page.locator("#broker .body")
         expect(broker).to_contain_text("iot-broker", timeout=T)
         expect(broker).to_contain_text("clients connected")
+        expect(broker.locator(".bridges tr", has_text="upstream")).to_contain_text("not connected", timeout=T)
         expect(page.locator("#ingest .body")).to_contain_text("running, connected", timeout=T)
         expect(page.locator("#ingest .body")).to_contain_text("0 entries")
         transfers = page.locator("#transfers .body")

@@ -57,6 +57,12 @@ def test_iotctl_up_runs_the_set_keeps_flows_through_kill_9_and_stops_on_ctrl_c(t
         # the node's daemons, one PLC, and the factory: its devices in one process, controller, observer, dashboard
         assert st.stdout.count("RUNNING") == len(supervise.programs(config.load(cfg))) == len(supervise.PROGRAMS) + 5
         assert "factory dashboard: http://127.0.0.1:" in out.read_text()
+        # each daemon's STATUS= line, as systemctl would show it: supervisord has none of its own
+        def broker_row() -> str:
+            return next(line for line in ctl("status", "--config", str(cfg)).stdout.splitlines()
+                        if line.startswith("iot-broker "))
+        wait_for(lambda: " clients=" in broker_row(), 30, what="the broker's status line in iotctl status")
+        assert "RUNNING" in broker_row() and " msgs_in=" in broker_row()
 
         # the simulated PLC's readings reach iot-dbsub's database, seq after seq
         wait_for(lambda: rows(var / "db/sensors.db") >= 2, 30, interval=0.2, what="2 PLC readings stored")

@@ -368,6 +368,18 @@
       parts = body.parts = { summary, all, details };
     }
     parts.summary.replaceChildren(kv(SYS.filter(([, k]) => `$SYS/broker/${k}` in sys).map(([label, k]) => [label, sys[`$SYS/broker/${k}`]])));
+    // [[broker.bridge]]: $SYS/broker/bridge/<name>/<figure>, one row per bridge
+    const bridges = {};
+    for (const k of keys) {
+      const m = /^\$SYS\/broker\/bridge\/([^/]+)\/([a-z]+)$/.exec(k);
+      if (m) (bridges[m[1]] ||= {})[m[2]] = sys[k];
+    }
+    const names = Object.keys(bridges);
+    if (names.length) {
+      parts.summary.append(el("h3", { text: `Bridges (${names.length})` }), el("div", { class: "bridges" }, table(["bridge", "state", "queued", "sent", "received", "dropped"],
+        names.map((n) => { const b = bridges[n]; const up = b.connected === "1";
+          return [n, el("span", { class: up ? "ok" : "bad", text: up ? "connected" : "not connected" }), b.queued ?? "", b.sent ?? "", b.received ?? "", b.dropped ?? ""]; }))));
+    }
     parts.details.firstChild.textContent = `all $SYS values (${keys.length})`;
     parts.all.replaceChildren(...keys.map((k) => el("tr", {}, el("td", { class: "mono", text: k }), el("td", { text: sys[k] }))));
   }
