@@ -296,9 +296,9 @@ class Ingest:
         st = self.stats
         lat = (st.lat_sum / st.lat_n * 1000) if st.lat_n else 0.0
         line = (f"workers={self.cfg.workers} worker={self.worker} queue={len(self.inbox)} landed={st.landed} "
-                f"dlq={st.dlq} busy={st.busy} "
+                f"dlq={st.dlq} "
                 f"latency_avg={lat:.0f}ms rate={st.rate:.0f}/s batch={self.cfg.batch_size}/"
-                f"{self.cfg.batch_wait * 1000:.0f}ms")
+                f"{self.cfg.batch_wait * 1000:.0f}ms busy={st.busy}")
         if st.outage:
             line = st.outage + "; " + line
         elif not self.client.connected:
