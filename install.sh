@@ -26,8 +26,9 @@ APT_TEST_PACKAGES=(mosquitto mosquitto-clients mariadb-server debootstrap system
 UNITS=(iot-broker.service iot-transfer-recv.service iot-transfer-send.service iot-ingest.service iot-dbsub.service
        iot.target)
 # Unit files installed but not enabled themselves: iot-plc@NAME is enabled once per [[plc.device]],
+# iot-ingest@I for ingest workers 2..[ingest] workers (worker 1 is iot-ingest.service),
 # iot-device@NAME (NAME "all" or a device) with --factory, as [factory] processes says.
-TEMPLATES=(iot-plc@.service iot-device@.service)
+TEMPLATES=(iot-plc@.service iot-ingest@.service iot-device@.service)
 # Installed always, enabled with --factory.
 FACTORY_UNITS=(iot-controller.service iot-observer.service iot-dashboard.service)
 CHANGED=0
@@ -157,6 +158,7 @@ install_system() {
   WAS_RUNNING=()
   if live_systemd; then
     for u in "${UNITS[@]}" "${FACTORY_UNITS[@]}" $(enabled_instances iot-plc | sed 's/.*/iot-plc@&.service/') \
+             $(enabled_instances iot-ingest | sed 's/.*/iot-ingest@&.service/') \
              $(enabled_instances iot-device | sed 's/.*/iot-device@&.service/'); do
       [ "$u" != iot.target ] && systemctl is-active --quiet "$u" && WAS_RUNNING+=("$u")
     done
@@ -268,6 +270,7 @@ install_system() {
      "${sc[@]}" is-enabled --quiet iot-dbsub.service 2>/dev/null; then say "already enabled"
   else "${sc[@]}" enable --quiet "${UNITS[@]}"; say "enabled"; CHANGED=1; fi
   systemd_instances iot-plc "$(configured_plcs)" "PLC units (one iot-plc@NAME per [[plc.device]] in $ETC/iot.toml)"
+  systemd_instances iot-ingest "$(extra_ingest_workers)" "ingest workers 2..N (iot-ingest@I; [ingest] workers in $ETC/iot.toml)"
   if [ "$FACTORY" -eq 1 ]; then
     step "factory units (--factory)"
     local u on=1
@@ -296,6 +299,11 @@ install_system() {
 
 configured_plcs() {  # the [[plc.device]] names of the installed config, one per line
   "$OPT/bin/iot-plc" --list --config "$ETC/iot.toml" || die "cannot read the PLCs of $ETC/iot.toml (see above)"
+}
+
+extra_ingest_workers() {  # worker numbers past 1 ([ingest] workers); worker 1 is iot-ingest itself
+  local all; all=$("$OPT/bin/iot-ingest" --list --config "$ETC/iot.toml") || die "cannot read [ingest] of $ETC/iot.toml (see above)"
+  tail -n +2 <<<"$all"
 }
 
 configured_devices() {  # the iot-device@NAME instances [factory] processes asks for
@@ -338,17 +346,18 @@ supervisor_program() {  # NAME COMMAND: the [program:NAME] block, cut from iot-d
     -e "s|^priority=.*|priority=30|" -e "s|iot-dbsub.log|$1.log|"
 }
 
-supervisor_programs() {  # $ETC/supervisor.d/NAME.conf: one iot-plc per PLC; with --factory the factory
+supervisor_programs() {  # $ETC/supervisor.d/NAME.conf: one iot-plc per PLC, ingest workers 2..N; with --factory the factory
   step "programs from the config in $ETC/supervisor.d"
   local lines n f name changed=0 cmd=/opt/iot/bin
-  lines=$(for n in $(configured_plcs); do echo "iot-plc-$n $cmd/iot-plc --config /etc/iot/iot.toml --plc $n"; done)
+  lines=$(for n in $(configured_plcs); do echo "iot-plc-$n $cmd/iot-plc --config /etc/iot/iot.toml --plc $n"; done
+          for n in $(extra_ingest_workers); do echo "iot-ingest-$n $cmd/iot-ingest --config /etc/iot/iot.toml --worker $n"; done)
   if [ "$FACTORY" -eq 1 ]; then
     lines+=$'\n'$(for n in $(configured_devices); do
       echo "iot-device-$n $cmd/iot-device --config /etc/iot/iot.toml --device $n"; done)
     for n in controller observer dashboard; do lines+=$'\n'"iot-$n $cmd/iot-$n --config /etc/iot/iot.toml"; done
   fi
   install -d -m 0755 "$ETC/supervisor.d"
-  for f in "$ETC"/supervisor.d/iot-plc-*.conf "$ETC"/supervisor.d/iot-device-*.conf; do
+  for f in "$ETC"/supervisor.d/iot-plc-*.conf "$ETC"/supervisor.d/iot-ingest-*.conf "$ETC"/supervisor.d/iot-device-*.conf; do
     [ -e "$f" ] || continue
     name=${f##*/}; name=${name%.conf}
     [ "$FACTORY" -eq 0 ] && [[ $name == iot-device-* ]] && continue  # kept as an earlier --factory made it
@@ -369,6 +378,7 @@ uninstall() {
   step "stop and remove units"
   local more=("${FACTORY_UNITS[@]}") n
   for n in $(enabled_instances iot-plc); do more+=("iot-plc@$n.service"); done
+  for n in $(enabled_instances iot-ingest); do more+=("iot-ingest@$n.service"); done
   for n in $(enabled_instances iot-device); do more+=("iot-device@$n.service"); done
   if live_systemd; then systemctl disable --now --quiet "${UNITS[@]}" "${more[@]}" 2>/dev/null || true
   elif [ -d "$UNITDIR" ]; then systemctl --root="${ROOT:-/}" disable --quiet "${UNITS[@]}" "${more[@]}" 2>/dev/null || true; fi

@@ -21,6 +21,12 @@ keys, port and state_dir), rows counted in `<state_dir>/db/ingest.db`; brokers `
 SQLite sink alone committing 1000-row batches, to show the database's share:
 
     .venv/bin/python benchmarks/ingest_bench.py --backend sqlite --repeat 3 --write docs/BENCHMARKS.md
+
+`--workers 1,2,3`: each run once per count of iot-ingest workers ([ingest] workers = N, one
+process each, a shared subscription), the scaling curve:
+
+    .venv/bin/python benchmarks/ingest_bench.py --backend sqlite --brokers ours --workers 1,2,3 --messages 100000
+    .venv/bin/python benchmarks/ingest_bench.py --brokers ours --modes plain --workers 1,2,3 --messages 100000
 """
 
 from __future__ import annotations
@@ -84,16 +90,17 @@ class SqliteDb:
 
 
 class Run:
-    def __init__(self, args, work: Path, db: MariaDB, broker: str, mode: str, sender: str = "hmac"):
+    def __init__(self, args, work: Path, db: MariaDB, broker: str, mode: str, sender: str = "hmac", workers: int = 1):
         """`sender`: the keys the load signs/encrypts with, "hmac" (the keys file's secret, s1),
         or kinds joined by "+" ("ed25519", "ed25519+aes", ...), each made by `iotctl keys new`'s code."""
         self.args, self.work, self.db, self.broker, self.mode = args, work, db, broker, mode
         self.sender = sender
+        self.workers = workers
         self.key_args: list[str] = []
-        self.dir = Path(tempfile.mkdtemp(prefix=f"{broker.replace(':', '-')}-{mode}-", dir=work))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{broker.replace(':', '-')}-{mode}-w{workers}-", dir=work))
         self.sqlite = args.backend == "sqlite"
         self.database = (str(self.dir / "var" / "db" / "ingest.db") if self.sqlite
-                         else f"bench_{broker.replace(':', '_')}_{mode}")
+                         else f"bench_{broker.replace(':', '_')}_{mode}_w{workers}")
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
         self.cpu: dict[str, float] = {}
@@ -164,16 +171,16 @@ class Run:
         cfg = self.dir / "iot.toml"
         cfg.write_text(
             f'[paths]\nstate_dir = "{self.dir / "var"}"\n[mqtt]\nport = {self.port}\nclient_id_prefix = "bench"\n'
-            f'[ingest]\nkeys_file = "{keys}"\n'
+            f'[ingest]\nkeys_file = "{keys}"\nworkers = {self.workers}\n'
             + ("" if self.sqlite else f"batch_size = {self.args.batch}\n")  # sqlite: shipped defaults
             + self.db.ingest_toml(self.database))
         self.config = cfg
         return cfg
 
-    def start_worker(self, n: int) -> subprocess.Popen:
+    def start_worker(self, n: int, worker: int = 1) -> subprocess.Popen:
         log = self.dir / f"ingest-{n}.log"
-        p = subprocess.Popen([str(BIN / "iot-ingest"), "--config", str(self.config)], stderr=open(log, "ab"),
-                             start_new_session=True)
+        p = subprocess.Popen([str(BIN / "iot-ingest"), "--config", str(self.config), "--worker", str(worker)],
+                             stderr=open(log, "ab"), start_new_session=True)
         self.procs.append(p)
         wait_for(lambda: "ready" in log.read_text() or p.poll() is not None, 30, what="iot-ingest ready")
         if p.poll() is not None:
@@ -202,7 +209,7 @@ class Run:
         self.write_config()
         broker = self.start_broker()
         worker = self.start_worker(1)
-        workers = [worker]
+        workers = [worker] + [self.start_worker(i, i) for i in range(2, self.workers + 1)]
         run_id = f"{self.broker[:2]}{self.mode[:1]}{os.getpid() % 1000}"
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         db_cpu0 = cpu_seconds(self.db.proc.pid) if self.db.proc else 0.0
@@ -228,7 +235,7 @@ class Run:
             worker.send_signal(signal.SIGKILL)
             worker.wait()
             killed_at = time.time()
-            workers.append(self.start_worker(2))
+            workers.append(self.start_worker(self.workers + 1))
             restarted_at = time.time()
         out, err = load.communicate(timeout=a.timeout + 100)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -277,7 +284,7 @@ class Run:
 
         secs = last - first
         return {
-            "broker": self.broker, "mode": self.mode, "messages": self.args.messages,
+            "broker": self.broker, "mode": self.mode, "workers": self.workers, "messages": self.args.messages,
             "processes": self.args.processes, "rows": rows, "rows_of_this_run": int(distinct_ok),
             "e2e_seconds": round(secs, 2), "e2e_msgs_per_s": round(rows / secs),
             "rows_per_batch": round(rows / max(1, batches)),
@@ -389,6 +396,7 @@ def main() -> int:
                          "(the same messages over raw sockets, lighter on the shared cores)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds a run may take (default 1800)")
     ap.add_argument("--sink-batches", type=int, default=50, help="sqlite: batches for the sink alone (default 50)")
+    ap.add_argument("--workers", default="1", help="iot-ingest worker counts to run, e.g. 1,2,3 (default 1)")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--write", metavar="FILE", help="sqlite: replace the '## Ingest on SQLite' section of this file")
     args = ap.parse_args()
@@ -409,10 +417,11 @@ def main() -> int:
             db.start()
         for i in range(args.repeat):
             for broker in args.brokers.split(","):
-                for mode in args.modes.split(","):
+                for mode, nw in [(m, int(w)) for m in args.modes.split(",") for w in args.workers.split(",")]:
                     t = time.monotonic()
-                    print(f"== {broker} {mode}: {args.messages:,} messages from {args.processes} processes", flush=True)
-                    r = Run(args, work, db, broker, mode).go()
+                    print(f"== {broker} {mode} workers={nw}: {args.messages:,} messages from {args.processes} "
+                          "processes", flush=True)
+                    r = Run(args, work, db, broker, mode, workers=nw).go()
                     r["flush_log"] = args.flush_log
                     r["broker_inflight"] = args.inflight
                     results.append(r)
@@ -426,16 +435,16 @@ def main() -> int:
         if not os.environ.get("KEEP"):
             shutil.rmtree(work, ignore_errors=True)
     print()
-    print("| broker | run | msgs/s end to end | publish msgs/s | rows | p50 | p99 | CPU s (load/broker/ingest/db) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| broker | run | workers | msgs/s end to end | publish msgs/s | rows | p50 | p99 | CPU s (load/broker/ingest/db) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in results:
         c = r["cpu_s"]
         run = "plain" if r["mode"] == "plain" else f"kill -9 at {r['killed_after_s']}s"
-        print(f"| {r['broker']} | {run} | {r['e2e_msgs_per_s']:,} | {r['publish_msgs_per_s']:,} | {r['rows']:,} | "
+        print(f"| {r['broker']} | {run} | {r['workers']} | {r['e2e_msgs_per_s']:,} | {r['publish_msgs_per_s']:,} | {r['rows']:,} | "
               f"{r['p50_ms']:,} ms | {r['p99_ms']:,} ms | {c['stress']}/{c['broker']}/{c['ingest']}/{c['mariadb']} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results + sinks, indent=2) + "\n")
-    if sqlite:
+    if sqlite and args.workers == "1":
         section = render_sqlite(args, results, sinks)
         print(section)
         if args.write:

@@ -82,6 +82,12 @@ def _choices(*values: str) -> dict[str, Any]:
 _EXPIRATION_UNITS = {"s": 1, "h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400, "y": 365 * 86400}
 
 
+def share_name(text: str) -> None:
+    """A shared subscription's group name (MQTT 5 section 4.8.2): non-empty, no '/', '+', '#'."""
+    if not text or any(c in text for c in "/+#"):
+        raise ValueError(f"expected a non-empty name without '/', '+' or '#', got {text!r}")
+
+
 def expiration_seconds(text: str) -> float:
     """Mosquitto's persistent_client_expiration format: an integer and a unit, h (hours),
     d (days), w (weeks), m (months of 30 days) or y (years of 365 days), e.g. "30d", and also
@@ -276,7 +282,7 @@ class BrokerConfig:
     # A larger window for the clients named here (fnmatch patterns of client ids): a consumer
     # that commits in batches, such as iot-ingest ("<client_id_prefix>-ingest"), needs
     # thousands of messages in flight to batch at all; 20 makes it commit 20 rows at a time.
-    max_inflight_per_client: dict[str, int] = field(default_factory=lambda: {"*-ingest": 5000},
+    max_inflight_per_client: dict[str, int] = field(default_factory=lambda: {"*-ingest": 5000, "*-ingest-*": 5000},
                                                     metadata=_range(1, 65535))
     # Deliberately above Mosquitto's 1000: a persistent consumer (iot-ingest) that is down for a
     # while must not lose what the broker already acknowledged to its publishers.
@@ -371,6 +377,11 @@ class IngestConfig:
 
     # Topic filters subscribed at QoS 1 with the fixed client id "<client_id_prefix>-ingest".
     topics: tuple[str, ...] = ("sensors/#",)
+    # Worker processes (`iot-ingest --worker I`, I = 1..workers). More than one: each subscribes
+    # to $share/<share_group>/<topic> as "<client_id_prefix>-ingest-<I>", and the broker gives
+    # each message to one of them.
+    workers: int = field(default=1, metadata=_range(1, 64))
+    share_group: str = field(default="iot-ingest", metadata={"check": share_name})
     # Keys file (one key per line: HMAC, Ed25519, RSA or AES; mode 0600); "" = ingest.keys beside this file.
     keys_file: Path | None = None
     # Largest payload accepted, in bytes; larger ones go to the DLQ as "oversized".
@@ -394,6 +405,9 @@ class IngestConfig:
     # Storage: "sqlite" (embedded; "" path = <state_dir>/db/ingest.db) or "mysql" (MySQL/MariaDB).
     backend: str = field(default="sqlite", metadata=_choices("sqlite", "mysql"))
     sqlite_path: Path | None = None
+    # Seconds a writer waits for another worker's transaction before SQLITE_BUSY; a batch that
+    # still finds the file busy is retried (backoff, nothing acknowledged meanwhile).
+    sqlite_busy_timeout: float = field(default=5.0, metadata=_range(0.01, 600))
     mysql_host: str = "127.0.0.1"
     mysql_port: int = field(default=3306, metadata=_range(1, 65535))
     # A unix socket instead of host/port ("" = TCP).

@@ -42,11 +42,14 @@ PROGRAMS: tuple[Program, ...] = (
 
 
 def programs(cfg: configmod.Config, factory: bool = True) -> tuple[Program, ...]:
-    """PROGRAMS, one iot-plc per [[plc.device]] (after iot-dbsub, so that on a first start its
+    """PROGRAMS, iot-ingest-I for each ingest worker past the first, one iot-plc per [[plc.device]] (after iot-dbsub, so that on a first start its
     subscription is there before the first reading) and, with `factory`, the factory: its devices
     (one process for all, or one per device: [factory] processes), controller, observer, dashboard."""
     plcs = tuple(Program(f"iot-plc-{d.name}", 30, ("--plc", d.name), exe="iot-plc", unit=f"iot-plc@{d.name}")
                  for d in cfg.plc.device)
+    # Ingest workers past the first ([ingest] workers); iot-ingest itself is worker 1.
+    plcs = tuple(Program(f"iot-ingest-{i}", 20, ("--worker", str(i)), exe="iot-ingest", unit=f"iot-ingest@{i}")
+                 for i in range(2, cfg.ingest.workers + 1)) + plcs
     if not factory:
         return PROGRAMS + plcs
     fc = cfg.factory

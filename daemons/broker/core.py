@@ -48,6 +48,10 @@ message queued for a persistent session, a SUBACK) goes out through `store.ack()
 it once that write is committed. With a store, a persistent session's queue continues on disk
 past `max_queued_messages`/`max_queued_bytes` (the memory bound) until the store's quota, and
 only then does flow control begin.
+
+Shared subscriptions (`$share/GROUP/FILTER`, shared.py): a group is one subscriber in the
+tree; routing resolves it to one member per message (`_routes`), and a member that leaves
+hands what it has not acknowledged through that group to another (`_hand_over`).
 """
 
 from __future__ import annotations
@@ -78,7 +82,9 @@ from .packets import (
     encode,
 )
 from .retained import RetainedStore
+from . import shared
 from .sessions import Message, Session
+from .shared import Group, InvalidShare
 from .topics import SubscriptionTree
 
 VERSION = "iot-broker 0.1.0"
@@ -113,6 +119,7 @@ class Stats:
     logins_refused: int = 0
     publish_denied: int = 0
     subscribe_denied: int = 0
+    share_refused: int = 0  # $share/... filters that are not $share/GROUP/FILTER
 
 
 @dataclass(slots=True)
@@ -174,6 +181,8 @@ class Broker:
             store.on_room = self.wake_all
         self.sessions: dict[str, Session] = {}
         self.tree = SubscriptionTree()
+        self.groups: dict[tuple[str, str], Group] = {}  # (GROUP, FILTER) -> its members
+        self.shared_count = 0  # memberships, over all groups
         self.retained = RetainedStore()
         self.stats = Stats()
         self.connected = 0
@@ -250,6 +259,8 @@ class Broker:
         conn.send(encode(Connack(present and pkt.protocol_level >= 4, ConnackCode.ACCEPTED)))
         if present:
             session.resume()
+        if self.groups:
+            self._gather(session)
         return True
 
     def closed(self, conn, graceful: bool) -> None:
@@ -262,6 +273,9 @@ class Broker:
         conn.session = None
         self.connected -= 1
         session.detach(self.clock())
+        if not session.clean:
+            for g in self._groups_of(session):  # a clean session hands over as it is dropped below
+                self._hand_over(session, g, online_only=True)
         if session.sid is not None and not session.clean:
             self.store.save_session(session)
         will, conn.will = conn.will, None
@@ -273,7 +287,7 @@ class Broker:
 
     def _drop_session(self, session: Session) -> None:
         for f in session.subscriptions:
-            self.tree.unsubscribe(session, f)
+            self._remove_subscription(session, f)
         session.subscriptions.clear()
         if session.sid is not None:
             self.store.drop_session(session.sid, session.stored_bytes)
@@ -310,10 +324,9 @@ class Broker:
             return True
         routed = self._may_publish(session, pkt.topic, "PUBLISH")  # denied: acknowledged, dropped
         if routed:
-            matches = self._readers(pkt.topic, self.tree.match(pkt.topic))
-            if session.no_local:
-                matches.pop(session, None)  # a bridge's message never goes back over it: no loops
-            if qos and self.limits.queue_full == "block" and not self._room(conn, matches):
+            # A bridge's message never goes back over it (no_local): no loops.
+            routes = self._routes(pkt.topic, qos, session if session.no_local else None)
+            if qos and self.limits.queue_full == "block" and not self._room(conn, routes):
                 return False
         self.stats.publish_received += 1
         store = self.store
@@ -323,17 +336,22 @@ class Broker:
             if session.sid is not None:
                 store.qos2_in(session.sid, pkt.packet_id, True)
         if routed:
-            self.publish(Message(pkt.topic, pkt.payload, qos, pkt.retain), matches)
+            self.publish(Message(pkt.topic, pkt.payload, qos, pkt.retain), routes)
         if qos:
             # Acknowledged once what it wrote to the store is on disk [store.py].
             store.ack(conn, (b"\x40\x02" if qos == 1 else b"\x50\x02") + pkt.packet_id.to_bytes(2, "big"),
                       store.mark() != mark)
         return True
 
-    def _room(self, conn, matches: dict[Session, int]) -> bool:
+    def _room(self, conn, routes: list) -> bool:
         """Can every session owed this message at QoS 1/2 take it? If not, `conn` waits on
-        each full one."""
-        full = [s for s, granted in matches.items() if granted and not s.can_take()]
+        each full one (for a group where no member can, on every member)."""
+        full = []
+        for s, granted, group in routes:
+            if s is None:
+                full.extend(group.members)
+            elif granted and not s.can_take():
+                full.append(s)
         if not full:
             return True
         for s in full:
@@ -379,16 +397,17 @@ class Broker:
             self.store.qos2_in(session.sid, pkt.packet_id, False)
         self.store.ack(conn, b"\x70\x02" + pkt.packet_id.to_bytes(2, "big"), durable)  # even for an unknown id
 
-    def publish(self, msg: Message, matches: dict[Session, int] | None = None) -> None:
-        """Store if retained, then deliver to every matching session once."""
+    def publish(self, msg: Message, routes: list | None = None) -> None:
+        """Store if retained, then deliver to every matching session once (and to one member
+        of each matching group)."""
         if msg.retain:
             self._retain(msg)
-        qos = msg.qos
         sent = dropped = 0
-        if matches is None:
-            matches = self._readers(msg.topic, self.tree.match(msg.topic))
-        for session, granted in matches.items():
-            if session.deliver(msg, granted if granted < qos else qos, msg.retain and session.no_local):
+        if routes is None:
+            routes = self._routes(msg.topic, msg.qos)
+        for session, qos, group in routes:
+            # A bridge gets the retain flag as published (Mosquitto's bridges keep it).
+            if session is not None and session.deliver(msg, qos, msg.retain and session.no_local, group=group):
                 sent += 1
             else:
                 dropped += 1
@@ -412,16 +431,24 @@ class Broker:
             if not self._may_subscribe(session, topic_filter):
                 codes.append(SUBACK_FAILURE)  # the others of this SUBSCRIBE are still granted
                 continue
+            try:
+                share = shared.parse(topic_filter)
+            except InvalidShare as e:
+                self.limit_hit("share_refused", "subscription refused: invalid shared subscription",
+                               client=session.client_id, filter=topic_filter, reason=str(e))
+                codes.append(SUBACK_FAILURE)
+                continue
             acl = self.access.acl
-            if acl is not None and not acl.can_subscribe(session.client_id, session.username, topic_filter):
+            checked = topic_filter if share is None else share[1]  # a group is no right of its own
+            if acl is not None and not acl.can_subscribe(session.client_id, session.username, checked):
                 self.limit_hit("subscribe_denied", "denied SUBSCRIBE", client=session.client_id,
                                user=session.username or "-", filter=topic_filter)
                 codes.append(SUBACK_FAILURE)
                 continue
-            self.tree.subscribe(session, topic_filter, qos)
-            session.subscriptions[topic_filter] = qos
+            self._add_subscription(session, topic_filter, qos, share)
             codes.append(qos)
-            accepted.append((topic_filter, qos))
+            if share is None:  # no retained messages on a shared subscription [MQTT-4.8.2]
+                accepted.append((topic_filter, qos))
         self._save_subscriptions(session)
         self.store.ack(conn, encode(Suback(pkt.packet_id, tuple(codes))), session.sid is not None)
         # Retained messages follow the SUBACK, with the retain flag set [MQTT-3.3.1-6, -8].
@@ -436,13 +463,99 @@ class Broker:
         session: Session = conn.session
         for topic_filter in pkt.topics:
             if session.subscriptions.pop(topic_filter, None) is not None:
-                self.tree.unsubscribe(session, topic_filter)
+                self._remove_subscription(session, topic_filter)
         self._save_subscriptions(session)
         self.store.ack(conn, encode(Unsuback(pkt.packet_id)), session.sid is not None)  # even if nothing matched [MQTT-3.10.4-5]
 
     def _save_subscriptions(self, session: Session) -> None:
         if session.sid is not None:
             self.store.save_session(session)
+
+    def _add_subscription(self, session: Session, topic_filter: str, qos: int,
+                          share: tuple[str, str] | None) -> None:
+        if share is None:
+            self.tree.subscribe(session, topic_filter, qos)
+        else:
+            group = self.groups.get(share)
+            if group is None:
+                group = self.groups[share] = Group(*share)
+                self.tree.subscribe(group, share[1], 2)  # each member's own QoS applies
+            if session not in group.members:
+                self.shared_count += 1
+            group.members[session] = qos
+        session.subscriptions[topic_filter] = qos
+
+    def _remove_subscription(self, session: Session, topic_filter: str) -> None:
+        """Out of the tree or its group; a member leaving a group hands over what it has not
+        acknowledged through it. (The caller removes it from session.subscriptions.)"""
+        share = shared.parse(topic_filter)  # a stored filter was checked when it was added
+        if share is None:
+            self.tree.unsubscribe(session, topic_filter)
+            return
+        group = self.groups.get(share)
+        if group is None or group.members.pop(session, None) is None:
+            return
+        self.shared_count -= 1
+        self._hand_over(session, group, online_only=False)
+        if not group.members:
+            self.tree.unsubscribe(group, share[1])
+            del self.groups[share]
+
+    def _groups_of(self, session: Session) -> list[Group]:
+        return [self.groups[share] for f in session.subscriptions
+                if (share := shared.parse(f)) is not None and share in self.groups]
+
+    def _hand_over(self, session: Session, group: Group, online_only: bool) -> None:
+        """Give `session`'s unacknowledged messages from `group` to other members. A member
+        that is only away (`online_only`) keeps them unless another member is connected; one
+        that left the group gives them to any member, past its queue bound if it must (they
+        were acknowledged to their publishers already)."""
+        others = [s for s in group.members if s is not session and (s.conn is not None or not online_only)]
+        if not others:
+            return
+        taken = session.take_back(group)
+        acl = self.access.acl
+        for msg, qos, g in taken:
+            allowed = None if acl is None else (lambda s, t=msg.topic: acl.can_read(s.client_id, s.username, t))
+            member, granted = g.pick(qos, allowed, exclude=session)
+            if member is None or (online_only and member.conn is None):
+                member = others[0]
+                granted = min(qos, group.members[member])
+            member.deliver(msg, granted, group=g, force=True)
+        if taken:
+            self.log.info("shared subscription: unacknowledged messages handed to other members",
+                          client=session.client_id, group=group.name, filter=group.topic_filter,
+                          messages=len(taken))
+
+    def _gather(self, session: Session) -> None:
+        """`session` is connected: messages its groups queued at members that are away (no
+        member was connected then) come to the connected ones."""
+        for g in self._groups_of(session):
+            for other in list(g.members):
+                if other.conn is None and other.pending():
+                    self._hand_over(other, g, online_only=True)
+
+    def _routes(self, topic: str, qos: int, origin: Session | None = None) -> list[tuple[Session | None, int, Group | None]]:
+        """(session, QoS it gets, group or None) for each subscriber owed a message on `topic`
+        at `qos` whose client may read it: every matching session but `origin`, and one member
+        of each matching group; (None, qos, group) when no member of a group can take it now.
+        Our bridges' sessions read what the operator's topic lines say, not what the ACL does."""
+        acl = self.access.acl
+        routes = []
+        for sub, granted in self.tree.match(topic).items():
+            if sub is origin:
+                continue
+            if type(sub) is Group:
+                allowed = None if acl is None else (lambda s: acl.can_read(s.client_id, s.username, topic))
+                member, granted = sub.pick(qos, allowed)
+                if member is not None:
+                    routes.append((member, granted, sub))
+                elif qos and any(s.conn is not None or not s.clean for s in sub.members):
+                    routes.append((None, qos, sub))
+            elif acl is None or sub.client_id.startswith(BRIDGE_PREFIX) or acl.can_read(sub.client_id, sub.username,
+                                                                                           topic):
+                routes.append((sub, granted if granted < qos else qos, None))
+        return routes
 
     # sessions ------------------------------------------------------------------------------
 
@@ -462,8 +575,7 @@ class Broker:
             session.username = s.username
             session.disconnected_at = s.disconnected_at or self.clock()
             for topic_filter, qos in s.subscriptions.items():
-                self.tree.subscribe(session, topic_filter, qos)
-                session.subscriptions[topic_filter] = qos
+                self._add_subscription(session, topic_filter, qos, shared.parse(topic_filter))
         for topic, payload, qos in loaded.retained:
             self.retained.set(topic, payload, qos)
 
@@ -536,25 +648,19 @@ class Broker:
         return code, None
 
     def _may_publish(self, session: Session, topic: str, what: str) -> bool:
-        """May this client (or its will) publish to `topic`? No client may under $SYS/."""
+        """May this client (or its will) publish to `topic`? No client may under $SYS/, and
+        `$share/...` names subscriptions, never a topic."""
         acl = self.access.acl
         # Our own bridges' topics are the operator's config, not a client's: no ACL applies.
         if session.no_local and topic.startswith("$SYS/broker/connection/"):
             return True  # a Mosquitto bridge's notification of its own state
-        if topic.startswith("$SYS/") or (acl is not None and not session.client_id.startswith(BRIDGE_PREFIX)
-                                         and not acl.can_write(session.client_id, session.username, topic)):
+        if topic.startswith(("$SYS/", shared.PREFIX)) or (
+                acl is not None and not session.client_id.startswith(BRIDGE_PREFIX)
+                and not acl.can_write(session.client_id, session.username, topic)):
             self.limit_hit("publish_denied", f"denied {what} from {session.client_id} to {topic}",
                            key=f"denied {what}", client=session.client_id, user=session.username or "-", topic=topic)
             return False
         return True
-
-    def _readers(self, topic: str, matches: dict[Session, int]) -> dict[Session, int]:
-        """The matching sessions whose client may read `topic` (all of them without an ACL)."""
-        acl = self.access.acl
-        if acl is None or not matches:
-            return matches
-        return {s: g for s, g in matches.items()
-                if s.client_id.startswith(BRIDGE_PREFIX) or acl.can_read(s.client_id, s.username, topic)}
 
     # limits ----------------------------------------------------------------------------------
 
@@ -666,7 +772,10 @@ class Broker:
             "$SYS/broker/bytes/received": str(s.bytes_received),
             "$SYS/broker/bytes/sent": str(s.bytes_sent),
             "$SYS/broker/retained messages/count": str(len(self.retained)),
-            "$SYS/broker/subscriptions/count": str(len(self.tree)),
+            "$SYS/broker/subscriptions/count": str(len(self.tree) - len(self.groups) + self.shared_count),
+            "$SYS/broker/subscriptions/shared/count": str(self.shared_count),
+            "$SYS/broker/subscriptions/shared/groups": str(len(self.groups)),
+            "$SYS/broker/subscriptions/shared/refused": str(s.share_refused),
             "$SYS/broker/store/messages/count": str(sum(x.pending() for x in self.sessions.values())),
             "$SYS/broker/limits/topic_levels/refused": str(s.topic_levels_refused),
             "$SYS/broker/limits/subscriptions/refused": str(s.subscriptions_refused),

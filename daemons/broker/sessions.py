@@ -75,11 +75,12 @@ class Message:
 
 
 class Outgoing:
-    __slots__ = ("msg", "qos", "pubrel_sent", "retain", "seq")
+    __slots__ = ("msg", "qos", "pubrel_sent", "retain", "seq", "group")
 
-    def __init__(self, msg: Message, qos: int, retain: bool, seq: int | None = None):
+    def __init__(self, msg: Message, qos: int, retain: bool, seq: int | None = None, group=None):
         self.msg, self.qos, self.retain, self.seq = msg, qos, retain, seq
         self.pubrel_sent = False
+        self.group = group  # the shared subscription (shared.Group) it came through, if any
 
 
 def _size(msg: Message) -> int:
@@ -102,7 +103,8 @@ class Session:
         self.will: Will | None = None
         self.subscriptions: dict[str, int] = {}
         self.inflight: dict[int, Outgoing] = {}
-        self.queue: deque[tuple[Message, int, bool, int | None]] = deque()
+        # (message, QoS, retain, store seq, shared.Group or None)
+        self.queue: deque[tuple[Message, int, bool, int | None, object]] = deque()
         self.queued_bytes = 0
         self.incoming_qos2: set[int] = set()
         self.max_inflight = max_inflight
@@ -142,9 +144,16 @@ class Session:
             return True
         return self.store is not None and self.store.has_room()
 
-    def deliver(self, msg: Message, qos: int, retain: bool = False) -> bool:
+    def window_free(self) -> bool:
+        """Connected, and a QoS 1/2 message would go out now rather than wait in the queue."""
+        return (self.conn is not None and len(self.inflight) < self.max_inflight and not self.queue
+                and not self.on_disk)
+
+    def deliver(self, msg: Message, qos: int, retain: bool = False, group=None, force: bool = False) -> bool:
         """Send or queue `msg` at `qos`. False when it had to be dropped (queue full, QoS 0 to
-        a congested or absent client), so the caller can count it."""
+        a congested or absent client), so the caller can count it. `group`: the shared
+        subscription it came through (see `take_back`). `force` queues it in memory past the
+        bounds: a message taken back from a member that left, which no publisher can be held for."""
         conn = self.conn
         if qos == 0:
             if conn is None:
@@ -158,16 +167,16 @@ class Session:
         if not self.on_disk:
             if conn is not None and len(self.inflight) < self.max_inflight and not self.queue:
                 seq = self._store(msg, qos, retain) if store else None
-                self._send_new(conn, msg, qos, retain, seq)
+                self._send_new(conn, msg, qos, retain, seq, group)
                 return True
-            if self._memory_room():
+            if self._memory_room() or force:
                 seq = self._store(msg, qos, retain) if store else None
-                self.queue.append((msg, qos, retain, seq))
+                self.queue.append((msg, qos, retain, seq, group))
                 self.queued_bytes += _size(msg)
                 if seq is not None:
                     self.last_seq = seq
                 return True
-        if store is not None and store.has_room():
+        if store is not None and (store.has_room() or force):
             # Past memory: on disk only, paged back in order as the queue drains (`_fill`).
             self._store(msg, qos, retain)
             self.on_disk += 1
@@ -180,9 +189,9 @@ class Session:
         self.stored_bytes += size
         return self.store.message(self.sid, msg.topic, msg.payload, qos, retain, size)
 
-    def _send_new(self, conn: Link, msg: Message, qos: int, retain: bool, seq: int | None) -> None:
+    def _send_new(self, conn: Link, msg: Message, qos: int, retain: bool, seq: int | None, group=None) -> None:
         pid = self._allocate_pid()
-        self.inflight[pid] = Outgoing(msg, qos, retain, seq)
+        self.inflight[pid] = Outgoing(msg, qos, retain, seq, group)
         if seq is not None:
             self.last_seq = max(self.last_seq, seq)
             if qos == 2:
@@ -202,9 +211,9 @@ class Session:
         conn = self.conn
         queue = self.queue
         while conn is not None and queue and len(self.inflight) < self.max_inflight:
-            msg, qos, retain, seq = queue.popleft()
+            msg, qos, retain, seq, group = queue.popleft()
             self.queued_bytes -= _size(msg)
-            self._send_new(conn, msg, qos, retain, seq)
+            self._send_new(conn, msg, qos, retain, seq, group)
         if self.on_disk and not self.loading and len(queue) <= self.max_queued // 2:
             self.loading = True
             self.store.read(self.sid, self.last_seq, max(1, min(1000, self.max_queued - len(queue))), self._paged_in)
@@ -215,7 +224,7 @@ class Session:
             return  # the session ended while its page was read
         for seq, topic, payload, qos, retain, _pid, _pubrel in rows:
             msg = Message(topic, payload, qos, bool(retain))
-            self.queue.append((msg, qos, bool(retain), seq))
+            self.queue.append((msg, qos, bool(retain), seq, None))
             self.queued_bytes += _size(msg)
             self.last_seq = seq
         self.on_disk -= len(rows)
@@ -287,9 +296,39 @@ class Session:
                 out.pubrel_sent = bool(pubrel)
                 self._next_pid = max(self._next_pid, pid)
             else:
-                self.queue.append((msg, qos, bool(retain), seq))
+                self.queue.append((msg, qos, bool(retain), seq, None))
                 self.queued_bytes += _size(msg)
             self.last_seq = seq
+
+    def take_back(self, group=None) -> list[tuple[Message, int, object]]:
+        """Remove and return, in order, the unacknowledged messages that came through shared
+        subscriptions (`group`, or any), as (message, QoS, group): the member is leaving and
+        another member gets them. A QoS 2 message past PUBREC stays (the client has it). Their
+        rows leave the store; the caller delivers them again, to a member that stores them anew."""
+        out = []
+        for pid, o in list(self.inflight.items()):
+            if o.group is not None and (group is None or o.group is group) and not o.pubrel_sent:
+                del self.inflight[pid]
+                self._forget(o.msg, o.seq)
+                out.append((o.msg, o.qos, o.group))
+        if any(item[4] is not None for item in self.queue):
+            kept: deque = deque()
+            for item in self.queue:
+                msg, qos, _retain, seq, g = item
+                if g is not None and (group is None or g is group):
+                    self.queued_bytes -= _size(msg)
+                    self._forget(msg, seq)
+                    out.append((msg, qos, g))
+                else:
+                    kept.append(item)
+            self.queue = kept
+        return out
+
+    def _forget(self, msg: Message, seq: int | None) -> None:
+        if seq is not None and self.store is not None:
+            size = _size(msg)
+            self.stored_bytes -= size
+            self.store.done(seq, size)
 
     def pending(self) -> int:
         return len(self.inflight) + len(self.queue) + self.on_disk

@@ -3,7 +3,7 @@
 Theory of operation
 ===================
 
-The DLQ is a folder of append-only JSONL segments named `<unix ms>-<pid>-<n>.jsonl`, so
+The DLQ is a folder of append-only JSONL segments named `<unix ms>[-w<I>]-<pid>-<n>.jsonl` (w<I>: the worker, when there are several), so
 names sort by age. One line is one entry:
 
     {"id": "<segment>.<n>", "time": <unix s>, "reason": "bad-signature", "detail": "...",
@@ -13,7 +13,7 @@ names sort by age. One line is one entry:
 The payload is kept as text when it is UTF-8, else base64, so `iotctl dlq show` prints what
 the sender sent and `replay` can hand back the exact bytes.
 
-Writer (the worker, one process): `append(entries)` writes all lines of a batch in one
+Writer (each worker process its own, on its own segments): `append(entries)` writes all lines of a batch in one
 write() and fsyncs before it returns (`durable.AppendLog`); the worker acknowledges the
 messages only after that, so an entry the broker forgot is on disk. Each run of the worker
 starts a new segment. A segment is closed past `segment_bytes` and a new one begins.
@@ -98,8 +98,9 @@ def fingerprint(topic: str, payload: bytes) -> bytes:
 class Writer:
     """The worker's appender. Not thread-safe: one thread writes."""
 
-    def __init__(self, folder: Path, segment_bytes: int = 64 * 1024**2):
+    def __init__(self, folder: Path, segment_bytes: int = 64 * 1024**2, tag: str = ""):
         self.folder = folder
+        self.tag = f"-{tag}" if tag else ""  # the worker ("w2"), when several share the folder
         self.segment_bytes = segment_bytes
         self.log: AppendLog | None = None
         self.name = ""
@@ -109,11 +110,12 @@ class Writer:
 
     def _open(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        # <unix ms>-<pid>-<n>: names sort by age, also for two segments in one millisecond.
+        # <unix ms>[-w<I>]-<pid>-<n>: names sort by age, also for two segments in one
+        # millisecond, and two workers never pick the same name (the pid differs).
         ms, n = int(time.time() * 1000), 0
-        while (self.folder / f"{ms:013d}-{os.getpid()}-{n:04d}{SUFFIX}").exists():
+        while (self.folder / f"{ms:013d}{self.tag}-{os.getpid()}-{n:04d}{SUFFIX}").exists():
             n += 1
-        stem = f"{ms:013d}-{os.getpid()}-{n:04d}"
+        stem = f"{ms:013d}{self.tag}-{os.getpid()}-{n:04d}"
         # Locked while we write: tools never rewrite a segment that is being appended to.
         self.log = AppendLog(self.folder / f"{stem}{SUFFIX}", mode=0o600, lock=True)
         self.log.open()

@@ -14,6 +14,10 @@ transaction and commits, and returns only once the commit is durable. Its outcom
 * raises `Unavailable`: nothing can be said about this batch (connection lost, server down,
   disk full, lock timeout, commit outcome unknown). The caller keeps the messages
   unacknowledged and writes the same batch again later; the upsert makes that harmless.
+* raises `Busy` (an Unavailable): another writer held the database past the busy timeout
+  (SQLite's one write lock, shared by several iot-ingest workers) or the server chose this
+  transaction as a deadlock victim. Nothing was committed, the connection stays; the caller
+  tries again soon, again without acknowledging anything.
 
 The upsert is idempotent and first-write-wins: a message id already present changes nothing
 (`ON DUPLICATE KEY UPDATE msg_id = msg_id` on MySQL, `ON CONFLICT DO NOTHING` on SQLite),
@@ -46,6 +50,10 @@ MAX_TOPIC = 255
 
 class Unavailable(Exception):
     """The database cannot take this batch now; try again later."""
+
+
+class Busy(Unavailable):
+    """Another writer holds the lock: nothing committed; try again shortly."""
 
 
 class SchemaTooNew(Exception):
@@ -189,6 +197,10 @@ class SqliteSink(Sink):
             db.execute("COMMIT")
             return refused
         except sqlite3.Error as e:
+            if getattr(e, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise Busy(f"sqlite {self.path}: {e} (another writer for {self.busy_timeout:g}s)") from e
             self._reset()
             raise Unavailable(f"sqlite {self.path}: {e}") from e
 
@@ -230,6 +242,9 @@ MYSQL_REFUSED = frozenset({
     3819,  # CHECK constraint (MySQL)
     4025,  # CHECK constraint (MariaDB)
 })
+
+# Another worker's transaction is in the way: rolled back, tried again soon.
+MYSQL_BUSY = frozenset({1205, 1213})  # lock wait timeout, deadlock
 
 
 class MysqlSink(Sink):
@@ -340,6 +355,12 @@ class MysqlSink(Sink):
             conn.commit()
             return refused
         except (pymysql.MySQLError, OSError) as e:
+            if _errno(e) in MYSQL_BUSY:
+                try:
+                    conn.rollback()
+                except pymysql.MySQLError:
+                    self._reset()
+                raise Busy(f"{self.describe()}: {_mysql_error(e)}") from e
             self._reset()
             raise Unavailable(f"{self.describe()}: {_mysql_error(e)}") from e
 
@@ -423,4 +444,4 @@ def open_sink(cfg: Config) -> Sink:
     ic = cfg.ingest
     if ic.backend == "mysql":
         return MysqlSink(ic)
-    return SqliteSink(ic.sqlite_path or cfg.paths.state_dir / "db" / "ingest.db")
+    return SqliteSink(ic.sqlite_path or cfg.paths.state_dir / "db" / "ingest.db", ic.sqlite_busy_timeout)

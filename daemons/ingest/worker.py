@@ -28,6 +28,15 @@ Retained messages come again on every SUBSCRIBE, so on every reconnect and resta
 retained message is written to the DLQ once: the DLQ knows the retained entries it holds
 (`Writer.holds_retained`), and one already there is not written again.
 
+Several workers (`[ingest] workers`, `iot-ingest --worker I`): each is this same process with
+its own client id, "<client_id_prefix>-ingest-<I>", a persistent session and a shared
+subscription `$share/<share_group>/<topic>`, so the broker gives each message to one worker
+and, when one dies, gives what it had not acknowledged to another. Rows stay exactly-once by
+the upsert alone. Each worker has its own DLQ segments (names carry "w<I>" and the pid) in the
+one DLQ folder, and its own status file. SQLite has one write lock: workers take turns
+(WAL, `sqlite_busy_timeout`), and a batch that still finds it busy (the sink raises Busy) is
+written again after a short backoff, unacknowledged until committed.
+
 A database outage (the sink raises Unavailable) is not a DLQ case: the loop keeps the same
 batch, retries with exponential backoff and says so in STATUS=. Nothing is acknowledged, so
 the broker stops sending once its in-flight window is full; `max_unacked` is our own bound
@@ -44,6 +53,7 @@ from pathlib import Path
 
 import orjson
 
+from .. import config as configmod
 from .. import service
 from ..config import Config, ConfigError
 from ..durable import atomic_write
@@ -51,7 +61,7 @@ from ..mqttclient import Delivery, MqttClient, backoff, paho_version
 from ..service import Exit, Service
 from . import dlq as dlqmod
 from .signing import KeysError, Reason, Rejected, Verifier, kind_of, load_keys
-from .sinks import MAX_TOPIC, Row, SchemaTooNew, Sink, Unavailable, open_sink
+from .sinks import MAX_TOPIC, Busy, Row, SchemaTooNew, Sink, Unavailable, open_sink
 
 NAME = "iot-ingest"
 SUBSCRIBE_WAIT = 5.0
@@ -71,9 +81,34 @@ def dlq_path(cfg: Config) -> Path:
     return cfg.ingest.dlq_dir or cfg.paths.state_dir / "dlq"
 
 
-def status_path(cfg: Config) -> Path:
-    """The worker's counters as JSON, refreshed while it runs (for the dashboard's Node view)."""
-    return cfg.paths.state_dir / "ingest" / "status.json"
+def status_path(cfg: Config, worker: int = 1) -> Path:
+    """The worker's counters as JSON, refreshed while it runs (for the dashboard's Node view):
+    status.json for a single worker, status-<I>.json for each of several."""
+    name = "status.json" if cfg.ingest.workers == 1 else f"status-{worker}.json"
+    return cfg.paths.state_dir / "ingest" / name
+
+
+def status_paths(cfg: Config) -> list[Path]:
+    return [status_path(cfg, i) for i in range(1, cfg.ingest.workers + 1)]
+
+
+def client_id(cfg: Config, worker: int) -> str:
+    prefix = cfg.mqtt.client_id_prefix
+    return f"{prefix}-ingest" if cfg.ingest.workers == 1 else f"{prefix}-ingest-{worker}"
+
+
+def subscriptions(cfg: Config) -> list[str]:
+    ic = cfg.ingest
+    return list(ic.topics) if ic.workers == 1 else [f"$share/{ic.share_group}/{t}" for t in ic.topics]
+
+
+def worker_number(svc: Service) -> int:
+    """This process's worker number, 1..[ingest] workers (`--worker`, default 1). The number a
+    per-worker resource (client id, status file, DLQ segment names, a port) is keyed by."""
+    n, workers = svc.args.worker, svc.config.ingest.workers
+    if not 1 <= n <= workers:
+        raise Exit(service.EX_USAGE, f"--worker {n}: expected 1 to {workers} ([ingest] workers = {workers})")
+    return n
 
 
 def to_row(verifier: Verifier, topic: str, payload: bytes) -> Row:
@@ -86,10 +121,10 @@ def to_row(verifier: Verifier, topic: str, payload: bytes) -> Row:
 
 class Stats:
     __slots__ = ("landed", "dlq", "retained_again", "batches", "lat_sum", "lat_n", "last_landed", "last_t",
-                 "rate", "outage", "started")
+                 "rate", "outage", "started", "busy")
 
     def __init__(self):
-        self.landed = self.dlq = self.retained_again = self.batches = 0
+        self.landed = self.dlq = self.retained_again = self.batches = self.busy = 0
         self.lat_sum = 0.0
         self.lat_n = 0
         self.last_landed = 0
@@ -99,20 +134,21 @@ class Stats:
 
 
 class Ingest:
-    def __init__(self, svc: Service, sink: Sink, verifier: Verifier, dlq: dlqmod.Writer):
+    def __init__(self, svc: Service, sink: Sink, verifier: Verifier, dlq: dlqmod.Writer, worker: int = 1):
         self.svc, self.log = svc, svc.log
         self.cfg = svc.config.ingest
         self.sink, self.verifier, self.dlq = sink, verifier, dlq
+        self.worker = worker
         self.stats = Stats()
         cfg = svc.config
         self.client = c = MqttClient(
-            cfg.mqtt, f"{cfg.mqtt.client_id_prefix}-ingest", log=self.log, clean_session=False,
-            manual_ack=True, subscriptions=[(t, 1) for t in self.cfg.topics], on_connect=self._on_connect,
+            cfg.mqtt, client_id(cfg, worker), log=self.log, clean_session=False,
+            manual_ack=True, subscriptions=[(t, 1) for t in subscriptions(cfg)], on_connect=self._on_connect,
             tune_receiver=True, inbox_limit=self.cfg.max_unacked - self.cfg.batch_size,
         )
         assert c.inbox is not None
         self.inbox = c.inbox
-        self.snap_path = status_path(cfg)
+        self.snap_path = status_path(cfg, worker)
         self._snap: dict = {}
         self._snap_at = -SNAPSHOT_IDLE
         self._snap_failed = False
@@ -222,6 +258,17 @@ class Ingest:
                     self.stats.outage = None
                     self.svc.set_status(self.summary())
                 return True
+            except Busy as e:
+                # Another worker's turn at the database: usual with several on one SQLite file,
+                # so quick retries, and a warning only if it goes on.
+                self.stats.busy += 1
+                delay = backoff(attempt, 0.005, self.cfg.retry_min)
+                attempt += 1
+                if attempt % 20 == 0:
+                    self.log.warning("database busy (another writer); retrying", error=str(e), attempt=attempt,
+                                     unacked=holding + len(self.inbox))
+                if not self.svc.wait(delay):
+                    return False
             except (Unavailable, OSError) as e:
                 delay = backoff(attempt, self.cfg.retry_min, self.cfg.retry_max)
                 attempt += 1
@@ -248,9 +295,10 @@ class Ingest:
     def summary(self) -> str:
         st = self.stats
         lat = (st.lat_sum / st.lat_n * 1000) if st.lat_n else 0.0
-        line = (f"workers=1 queue={len(self.inbox)} landed={st.landed} dlq={st.dlq} "
+        line = (f"workers={self.cfg.workers} worker={self.worker} queue={len(self.inbox)} landed={st.landed} "
+                f"dlq={st.dlq} "
                 f"latency_avg={lat:.0f}ms rate={st.rate:.0f}/s batch={self.cfg.batch_size}/"
-                f"{self.cfg.batch_wait * 1000:.0f}ms")
+                f"{self.cfg.batch_wait * 1000:.0f}ms busy={st.busy}")
         if st.outage:
             line = st.outage + "; " + line
         elif not self.client.connected:
@@ -260,7 +308,7 @@ class Ingest:
     def snapshot(self) -> dict:
         st = self.stats
         return {"landed": st.landed, "dlq": st.dlq, "queue": len(self.inbox), "connected": self.client.connected,
-                "outage": st.outage, "pid": os.getpid()}
+                "outage": st.outage, "pid": os.getpid(), "worker": self.worker}
 
     def maybe_snapshot(self) -> None:
         """Write the counters for readers on this node, at most once a second and only when they
@@ -315,10 +363,11 @@ def serve(svc: Service) -> None:
         keys = load_keys(kp)
     except KeysError as e:
         raise Exit(service.EX_CONFIG, str(e)) from None
+    worker = worker_number(svc)
     verifier = Verifier(keys, ic.max_payload)
     sink = open_sink(cfg)
-    dlq = dlqmod.Writer(dlq_path(cfg), ic.dlq_segment_bytes)
-    ing = Ingest(svc, sink, verifier, dlq)
+    dlq = dlqmod.Writer(dlq_path(cfg), ic.dlq_segment_bytes, tag=f"w{worker}" if ic.workers > 1 else "")
+    ing = Ingest(svc, sink, verifier, dlq, worker)
     try:
         sink.connect()
         svc.log.info("database ready", sink=sink.describe())
@@ -337,8 +386,9 @@ def serve(svc: Service) -> None:
     # READY once the broker has granted the subscription (from then on nothing published is
     # missed, even on a first start), or after SUBSCRIBE_WAIT while it keeps retrying.
     subscribed = ing.client.subscribed.wait(SUBSCRIBE_WAIT)
-    svc.ready((f"subscribed to {','.join(ic.topics)}" if subscribed else "broker not reachable yet; retrying")
-              + f" as {cfg.mqtt.client_id_prefix}-ingest; sink {sink.describe()}; keys {_count_kinds(keys)}")
+    svc.ready((f"subscribed to {','.join(subscriptions(cfg))}" if subscribed else "broker not reachable yet; retrying")
+              + f" as {client_id(cfg, worker)} (worker {worker} of {ic.workers}); sink {sink.describe()}; "
+              f"keys {_count_kinds(keys)}")
     try:
         while svc.wait(0):
             ing.maybe_snapshot()
@@ -357,12 +407,32 @@ def serve(svc: Service) -> None:
         dlq.close()
 
 
+def add_arguments(p) -> None:
+    p.add_argument("--worker", metavar="I", type=int, default=1,
+                   help="this process's worker number, 1 to [ingest] workers (default 1)")
+    p.add_argument("--list", action="store_true", help="print the worker numbers the config asks for and exit")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--list" in argv:  # for install.sh and people: the instances iot-ingest@I can take
+        import argparse  # noqa: PLC0415
+
+        p = argparse.ArgumentParser(prog=NAME, add_help=False)
+        p.add_argument("-c", "--config")
+        known, _ = p.parse_known_args(argv)
+        try:
+            print("\n".join(str(i) for i in range(1, configmod.load(known.config).ingest.workers + 1)))
+        except configmod.ConfigError as e:
+            print(f"{NAME}: config error: {e}", file=sys.stderr)
+            return service.EX_CONFIG
+        return service.EX_OK
     return service.run(
         NAME,
         "Signed QoS 1 readings from MQTT into SQLite or MySQL/MariaDB, acknowledged only after "
         "commit; rejected messages kept in the DLQ. Reads the [ingest] and [mqtt] sections.",
         serve,
+        add_arguments=add_arguments,
         argv=argv,
     )
 

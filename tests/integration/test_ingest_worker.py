@@ -343,7 +343,7 @@ def test_status_line_every_10000_records_and_in_sd_notify(broker_factory, daemon
     finish(node.stress(20_000, "st"), 20_000)
     node.wait_rows(20_000)
     def lines() -> list[str]:
-        return [ln for ln in proc.log().splitlines() if "status workers=1" in ln]
+        return [ln for ln in proc.log().splitlines() if "status workers=1 worker=1 " in ln]
 
     wait_for(lambda: any("landed=20000 " in ln for ln in lines()), 10, what="the line at 20,000")
     landed = [int(re.search(r"landed=(\d+)", ln).group(1)) for ln in lines()]

@@ -57,11 +57,22 @@ class Node:
             self._dlq = dlq.Size(worker.dlq_path(self.cfg))
         entries, size = self._dlq.count()
         out: dict = {"dlq_entries": entries, "dlq_bytes": size}
-        try:
-            snap = orjson.loads(worker.status_path(self.cfg).read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            snap = None
-        if not isinstance(snap, dict) or not isinstance(snap.get("updated"), (int, float)):
+        snaps = []
+        for path in worker.status_paths(self.cfg):  # one per worker: shown as their sum
+            try:
+                snaps.append(orjson.loads(path.read_bytes()))
+            except (OSError, orjson.JSONDecodeError):
+                pass
+        snaps = [x for x in snaps if isinstance(x, dict) and isinstance(x.get("updated"), (int, float))]
+        snap = None
+        if snaps:
+            snap = {"updated": max(x["updated"] for x in snaps),
+                    "landed": sum(int(x.get("landed") or 0) for x in snaps),
+                    "dlq": sum(int(x.get("dlq") or 0) for x in snaps),
+                    "queue": sum(int(x.get("queue") or 0) for x in snaps),
+                    "connected": all(x.get("connected") for x in snaps),
+                    "outage": next((x["outage"] for x in snaps if x.get("outage")), None)}
+        if snap is None:
             out["running"] = False
             return out
         updated = snap["updated"]
