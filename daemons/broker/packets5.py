@@ -630,7 +630,9 @@ def _decode_subscribe(flags: int, view: memoryview, pos: int, end: int) -> Subsc
     topics = []
     while pos < end:
         topic_filter, pos = _str_at(view, pos, end)
-        validate_topic_filter(topic_filter)
+        shared = _check_shared(topic_filter)
+        if not shared:
+            validate_topic_filter(topic_filter)
         if pos >= end:
             raise MalformedPacket("topic filter without Subscription Options")
         options = view[pos]
@@ -643,7 +645,7 @@ def _decode_subscribe(flags: int, view: memoryview, pos: int, end: int) -> Subsc
         if retain_handling == 3:
             raise ProtocolError("Retain Handling 3 in Subscription Options (section 3.8.3.1)")
         no_local = bool(options & 0x04)
-        if _check_shared(topic_filter) and no_local:
+        if shared and no_local:
             raise ProtocolError("No Local on a Shared Subscription", "MQTT-3.8.3-4")
         topics.append(Subscription(topic_filter, qos, no_local, bool(options & 0x08), retain_handling))
     if not topics:
