@@ -749,3 +749,36 @@ def test_mqttraw_and_codec_agree_on_v5_bytes(wire, packet):
     elif hasattr(packet, "reason_code") and not isinstance(packet, ConnectV5):
         mid, reason, _ = raw.parse_reason(parsed)
         assert (mid, reason) == (getattr(packet, "packet_id", None), packet.reason_code)
+
+
+# --- what the server sends: the encoder refuses what the spec forbids -----------------------------
+
+
+def test_v5_mqtt_2_2_1_2_qos0_publish_has_no_packet_id():
+    """[MQTT-2.2.1-2] A QoS 0 PUBLISH has no packet identifier: the encoder refuses one, and
+    the decoder reads the bytes after the properties as payload."""
+    with pytest.raises(ValueError):
+        encode(PublishV5("a", b"", 0, packet_id=1))
+    assert decode(raw.publish("a", b"\x00\x01", props=b"\x00"))[0] == PublishV5("a", b"\x00\x01")
+
+
+def test_v5_mqtt_3_1_0_1_first_packet_must_be_connect():
+    """[MQTT-3.1.0-1] The first packet on a 5.0-capable server connection must be CONNECT."""
+    for first in (raw.auth(0x18, props((0x15, "M"))), raw.publish("a", props=b"\x00"), raw.disconnect()):
+        reader = Reader(version=5)
+        reader.feed(first)
+        with pytest.raises(ProtocolError) as info:
+            reader.next_packet()
+        assert (info.value.rule, info.value.reason) == ("MQTT-3.1.0-1", R.PROTOCOL_ERROR)
+
+
+def test_v5_mqtt_3_2_2_6_and_3_2_2_8_encoder_refuses_bad_connack():
+    """[MQTT-3.2.2-6] [MQTT-3.2.2-8] A refusing CONNACK has Session Present 0 and every CONNACK
+    uses a code of Table 3.1; the same holds for the other packets' reason code tables."""
+    for bad in (ConnackV5(True, R.NOT_AUTHORIZED), ConnackV5(False, R.GRANTED_QOS_1), PubackV5(1, R.PACKET_IDENTIFIER_NOT_FOUND),
+                PubrelV5(1, R.NO_MATCHING_SUBSCRIBERS), SubackV5(1, (R.NO_SUBSCRIPTION_EXISTED,)), UnsubackV5(1, ()),
+                DisconnectV5(R.CONTINUE_AUTHENTICATION), Auth(R.NOT_AUTHORIZED)):
+        with pytest.raises(ValueError):
+            encode(bad)
+    with pytest.raises(TypeError):
+        encode(Connect("c"))
