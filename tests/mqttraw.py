@@ -1,7 +1,10 @@
-"""An MQTT 3.1.1 packet builder and a raw-socket client for black-box broker tests.
+"""An MQTT 3.1.1 and 5.0 packet builder and a raw-socket client for black-box broker tests.
 
-Written from the specification (OASIS MQTT 3.1.1, chapters 2 and 3) with `struct` and plain
-code. It deliberately does NOT import `daemons.broker.packets`, the broker's own codec: a test
+Written from the specifications (OASIS MQTT 3.1.1 and MQTT 5.0, chapters 2 and 3) with `struct`
+and plain code. MQTT 5.0: build a property block with `properties((id, value), ...)` (the ids
+are the spec's numbers, in the order given) and pass it as `props=` to a builder: a builder
+given `props` (or `connect(proto_level=5)`) writes the 5.0 layout; `parse_properties`,
+`parse_reason`, `parse_connack` and `parse_publish(pkt, v5=True)` read what comes back. It deliberately does NOT import `daemons.broker.packets`, the broker's own codec: a test
 that encoded its packets with the code under test could not see that code's bugs.
 
 Builders return the exact bytes a conforming peer puts on the wire; every argument that a
@@ -39,10 +42,11 @@ from dataclasses import dataclass
 # packet types, section 2.2.1
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
+AUTH = 15  # MQTT 5.0 only
 TYPE_NAMES = {
     0: "RESERVED0", 1: "CONNECT", 2: "CONNACK", 3: "PUBLISH", 4: "PUBACK", 5: "PUBREC", 6: "PUBREL",
     7: "PUBCOMP", 8: "SUBSCRIBE", 9: "SUBACK", 10: "UNSUBSCRIBE", 11: "UNSUBACK", 12: "PINGREQ",
-    13: "PINGRESP", 14: "DISCONNECT", 15: "RESERVED15",
+    13: "PINGRESP", 14: "DISCONNECT", 15: "AUTH",
 }
 
 DEFAULT_TIMEOUT = 10.0  # for data that must arrive; the wait ends when it does
@@ -92,13 +96,19 @@ class Will:
 
 def connect(client_id: str | bytes = "", clean: bool = True, keepalive: int = 60, will: Will | None = None,
             username: str | bytes | None = None, password: bytes | None = None, proto_name: str | bytes = "MQTT",
-            proto_level: int = 4, flags: int | None = None, first_byte: int = 0x10) -> bytes:
+            proto_level: int = 4, flags: int | None = None, first_byte: int = 0x10, props: bytes | None = None,
+            will_props: bytes | None = None) -> bytes:
     """CONNECT (section 3.1). `flags` replaces the computed Connect Flags byte entirely; the
-    payload still carries exactly the fields given."""
+    payload still carries exactly the fields given. With `proto_level=5` (or `props`) the 5.0
+    layout: properties after Keep Alive, Will Properties before the Will Topic (empty blocks
+    unless given)."""
+    v5 = proto_level == 5 or props is not None
     computed = 0x02 if clean else 0
     payload = string(client_id)
     if will is not None:
         computed |= 0x04 | (will.qos & 3) << 3 | (0x20 if will.retain else 0)
+        if v5:
+            payload += b"\x00" if will_props is None else will_props
         payload += string(will.topic) + u16(len(will.message)) + will.message
     if username is not None:
         computed |= 0x80
@@ -107,54 +117,83 @@ def connect(client_id: str | bytes = "", clean: bool = True, keepalive: int = 60
         computed |= 0x40
         payload += u16(len(password)) + password
     header = string(proto_name) + bytes((proto_level, computed if flags is None else flags)) + u16(keepalive)
+    if v5:
+        header += b"\x00" if props is None else props
     return frame(first_byte, header + payload)
 
 
-def connack(rc: int = 0, session_present: bool = False) -> bytes:
-    return bytes((0x20, 2, 1 if session_present else 0, rc))
+def connack(rc: int = 0, session_present: bool = False, props: bytes | None = None) -> bytes:
+    """CONNACK; with `props` the 5.0 form (`rc` is then a reason code)."""
+    if props is None:
+        return bytes((0x20, 2, 1 if session_present else 0, rc))
+    return frame(0x20, bytes((1 if session_present else 0, rc)) + props)
 
 
 def publish(topic: str | bytes, payload: bytes = b"", qos: int = 0, mid: int | None = None,
-            retain: bool = False, dup: bool = False) -> bytes:
-    """PUBLISH (section 3.3). A packet id is written when qos > 0 or when `mid` is given."""
+            retain: bool = False, dup: bool = False, props: bytes | None = None) -> bytes:
+    """PUBLISH (section 3.3). A packet id is written when qos > 0 or when `mid` is given; with
+    `props` the 5.0 form (properties after the packet id)."""
     first = 0x30 | (0x08 if dup else 0) | (qos & 3) << 1 | (1 if retain else 0)
     body = string(topic)
     if qos > 0 or mid is not None:
         body += u16(mid if mid is not None else 1)
+    if props is not None:
+        body += props
     return frame(first, body + payload)
 
 
-def puback(mid: int) -> bytes:
-    return b"\x40\x02" + u16(mid)
+def _ack(first: int, mid: int, reason: int | None, props: bytes | None) -> bytes:
+    """PUBACK/PUBREC/PUBREL/PUBCOMP: 3.1.1's form, or 5.0's with a reason code (and properties)."""
+    body = u16(mid)
+    if reason is not None or props is not None:
+        body += bytes((reason or 0,))
+    if props is not None:
+        body += props
+    return frame(first, body)
 
 
-def pubrec(mid: int) -> bytes:
-    return b"\x50\x02" + u16(mid)
+def puback(mid: int, reason: int | None = None, props: bytes | None = None) -> bytes:
+    return _ack(0x40, mid, reason, props)
 
 
-def pubrel(mid: int, flags: int = 0x02) -> bytes:
-    return bytes((0x60 | flags, 2)) + u16(mid)
+def pubrec(mid: int, reason: int | None = None, props: bytes | None = None) -> bytes:
+    return _ack(0x50, mid, reason, props)
 
 
-def pubcomp(mid: int) -> bytes:
-    return b"\x70\x02" + u16(mid)
+def pubrel(mid: int, flags: int = 0x02, reason: int | None = None, props: bytes | None = None) -> bytes:
+    return _ack(0x60 | flags, mid, reason, props)
 
 
-def subscribe(mid: int, topics: list[tuple[str | bytes, int]], flags: int = 0x02) -> bytes:
-    body = u16(mid) + b"".join(string(f) + bytes((q,)) for f, q in topics)
+def pubcomp(mid: int, reason: int | None = None, props: bytes | None = None) -> bytes:
+    return _ack(0x70, mid, reason, props)
+
+
+def subscribe(mid: int, topics: list[tuple[str | bytes, int]], flags: int = 0x02, props: bytes | None = None) -> bytes:
+    """SUBSCRIBE: (filter, requested QoS byte) pairs; in 5.0 (`props`) the byte is the
+    Subscription Options (`sub_options`)."""
+    body = u16(mid) + (props or b"") + b"".join(string(f) + bytes((q,)) for f, q in topics)
     return frame(0x80 | flags, body)
 
 
-def suback(mid: int, codes: list[int]) -> bytes:
-    return frame(0x90, u16(mid) + bytes(codes))
+def sub_options(qos: int = 0, no_local: bool = False, retain_as_published: bool = False,
+                retain_handling: int = 0) -> int:
+    """The 5.0 Subscription Options byte (section 3.8.3.1)."""
+    return qos | (0x04 if no_local else 0) | (0x08 if retain_as_published else 0) | retain_handling << 4
 
 
-def unsubscribe(mid: int, filters: list[str | bytes], flags: int = 0x02) -> bytes:
-    return frame(0xA0 | flags, u16(mid) + b"".join(string(f) for f in filters))
+def suback(mid: int, codes: list[int], props: bytes | None = None) -> bytes:
+    return frame(0x90, u16(mid) + (props or b"") + bytes(codes))
 
 
-def unsuback(mid: int) -> bytes:
-    return b"\xb0\x02" + u16(mid)
+def unsubscribe(mid: int, filters: list[str | bytes], flags: int = 0x02, props: bytes | None = None) -> bytes:
+    return frame(0xA0 | flags, u16(mid) + (props or b"") + b"".join(string(f) for f in filters))
+
+
+def unsuback(mid: int, codes: list[int] | None = None, props: bytes | None = None) -> bytes:
+    """UNSUBACK; 5.0's carries properties and one reason code per filter."""
+    if codes is None and props is None:
+        return b"\xb0\x02" + u16(mid)
+    return frame(0xB0, u16(mid) + (b"\x00" if props is None else props) + bytes(codes or ()))
 
 
 def pingreq() -> bytes:
@@ -165,8 +204,93 @@ def pingresp() -> bytes:
     return b"\xd0\x00"
 
 
-def disconnect() -> bytes:
-    return b"\xe0\x00"
+def _reason_packet(first: int, reason: int | None, props: bytes | None) -> bytes:
+    if reason is None and props is None:
+        return bytes((first, 0))
+    return frame(first, bytes((reason or 0,)) + (props or b""))
+
+
+def disconnect(reason: int | None = None, props: bytes | None = None) -> bytes:
+    """DISCONNECT; 5.0's with a reason code (and properties)."""
+    return _reason_packet(0xE0, reason, props)
+
+
+def auth(reason: int = 0x18, props: bytes | None = None) -> bytes:
+    """AUTH (5.0 only, section 3.15)."""
+    return _reason_packet(0xF0, reason, props)
+
+
+# --- MQTT 5.0 properties (section 2.2.2.2) -------------------------------------------------------
+
+# identifier -> type: b Byte, h Two Byte Integer, i Four Byte Integer, v Variable Byte Integer,
+# s UTF-8 string, d Binary Data, p UTF-8 string pair (section 2.2.2.2 Table 2.4)
+PROPERTY_TYPES = {
+    1: "b", 2: "i", 3: "s", 8: "s", 9: "d", 11: "v", 17: "i", 18: "s", 19: "h", 21: "s", 22: "d", 23: "b",
+    24: "i", 25: "b", 26: "s", 28: "s", 31: "s", 33: "h", 34: "h", 35: "h", 36: "b", 37: "b", 38: "p",
+    39: "i", 40: "b", 41: "b", 42: "b",
+}
+
+
+def properties(*items: tuple[int, object], length: int | None = None) -> bytes:
+    """A property block: the length, then each (identifier, value) in the order given.
+    `length` overrides the Property Length (to build lies). A value of type `bytes` for a
+    string is written as is (to send ill-formed UTF-8); pairs are (key, value)."""
+    body = b""
+    for ident, value in items:
+        kind = PROPERTY_TYPES.get(ident, "b")
+        body += varint(ident)
+        if kind == "b":
+            body += bytes((value,))
+        elif kind == "h":
+            body += u16(value)
+        elif kind == "i":
+            body += struct.pack("!I", value)
+        elif kind == "v":
+            body += varint(value)
+        elif kind in "sd":
+            body += string(value)
+        else:
+            body += string(value[0]) + string(value[1])
+    return varint(len(body) if length is None else length) + body
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value, mult = 0, 1
+    while True:
+        b = data[pos]
+        pos += 1
+        value += (b & 0x7F) * mult
+        mult *= 128
+        if not b & 0x80:
+            return value, pos
+
+
+def parse_properties(data: bytes, pos: int = 0) -> tuple[list[tuple[int, object]], int]:
+    """The (identifier, value) list of the property block at `pos`, and the position after it.
+    Strings come back as str, binary data as bytes, pairs as (key, value)."""
+    length, pos = _read_varint(data, pos)
+    end, items = pos + length, []
+    while pos < end:
+        ident, pos = _read_varint(data, pos)
+        kind = PROPERTY_TYPES[ident]
+        if kind == "b":
+            value, pos = data[pos], pos + 1
+        elif kind == "h":
+            (value,), pos = struct.unpack("!H", data[pos:pos + 2]), pos + 2
+        elif kind == "i":
+            (value,), pos = struct.unpack("!I", data[pos:pos + 4]), pos + 4
+        elif kind == "v":
+            value, pos = _read_varint(data, pos)
+        else:
+            fields = []
+            for _ in range(2 if kind == "p" else 1):
+                (n,) = struct.unpack("!H", data[pos:pos + 2])
+                raw, pos = data[pos + 2:pos + 2 + n], pos + 2 + n
+                fields.append(raw if kind == "d" else raw.decode("utf-8"))
+            value = tuple(fields) if kind == "p" else fields[0]
+        items.append((ident, value))
+    assert pos == end, f"property block overruns its length: {data.hex(' ')}"
+    return items, end
 
 
 # --- decoding (for reading what the broker sends, and for messages) --------------------------
@@ -195,6 +319,7 @@ class Pub:
     dup: bool
     raw: bytes
     topic_bytes: bytes
+    props: tuple = ()  # 5.0: the (identifier, value) pairs
 
 
 def split_packet(data: bytes) -> tuple[Packet, int] | None:
@@ -220,7 +345,7 @@ def split_packet(data: bytes) -> tuple[Packet, int] | None:
     return Packet(raw, raw[0] >> 4, raw[0] & 0x0F, raw[pos:end]), end
 
 
-def parse_publish(pkt: Packet) -> Pub:
+def parse_publish(pkt: Packet, v5: bool = False) -> Pub:
     assert pkt.type == PUBLISH, f"expected a PUBLISH, got {describe(pkt.raw)}"
     qos = pkt.flags >> 1 & 3
     (tlen,) = struct.unpack("!H", pkt.body[:2])
@@ -230,8 +355,38 @@ def parse_publish(pkt: Packet) -> Pub:
     if qos:
         (mid,) = struct.unpack("!H", pkt.body[pos:pos + 2])
         pos += 2
+    props: list = []
+    if v5:
+        props, pos = parse_properties(pkt.body, pos)
     return Pub(topic_bytes.decode("utf-8"), pkt.body[pos:], qos, mid, bool(pkt.flags & 1), bool(pkt.flags & 8),
-               pkt.raw, topic_bytes)
+               pkt.raw, topic_bytes, tuple(props))
+
+
+def parse_connack(pkt: Packet) -> tuple[bool, int, list[tuple[int, object]]]:
+    """A 5.0 CONNACK: (session present, reason code, properties)."""
+    assert pkt.type == CONNACK, f"expected a CONNACK, got {describe(pkt.raw)}"
+    props, _ = parse_properties(pkt.body, 2)
+    return bool(pkt.body[0] & 1), pkt.body[1], props
+
+
+def parse_reason(pkt: Packet) -> tuple[int | None, int | list[int], list[tuple[int, object]]]:
+    """A 5.0 acknowledgement, DISCONNECT or AUTH: (packet id or None, reason code, properties);
+    for SUBACK and UNSUBACK the reason code is the list of them. Short forms read as 0 and no
+    properties (sections 3.4.2.1, 3.14.2.1, 3.15.2.1)."""
+    body, pos, mid = pkt.body, 0, None
+    if pkt.type in (PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK, UNSUBACK):
+        (mid,) = struct.unpack("!H", body[:2])
+        pos = 2
+    if pkt.type in (SUBACK, UNSUBACK):
+        props, pos = parse_properties(body, pos)
+        return mid, list(body[pos:]), props
+    if pos >= len(body):
+        return mid, 0, []
+    reason = body[pos]
+    if pos + 1 >= len(body):
+        return mid, reason, []
+    props, _ = parse_properties(body, pos + 1)
+    return mid, reason, props
 
 
 def describe(data: bytes) -> str:

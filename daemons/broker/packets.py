@@ -1,4 +1,4 @@
-"""Sans-IO codec for the fourteen MQTT 3.1.1 control packets.
+"""Sans-IO codec for the fourteen MQTT 3.1.1 control packets (MQTT 5.0: packets5.py).
 
 Theory of operation
 ===================
@@ -16,10 +16,17 @@ same code.  Decoding refuses bad input as early as it can:
    by the declared length and must consume every byte of it.
 
 Every defect ends in a ProtocolError subclass carrying the id of the statement
-it breaks (and ``connack`` when a CONNACK must precede the close); no
-IndexError or UnicodeDecodeError can reach the server.  ``decode`` is
-stateless; ``Reader`` adds buffering and the rules that need memory (CONNECT
-first and only once), and stays dead after an error since framing is lost.
+it breaks (and ``connack`` when a 3.1.1 CONNACK must precede the close, and
+``reason``, the MQTT 5.0 reason code for the CONNACK or DISCONNECT a v5 peer
+gets); no IndexError or UnicodeDecodeError can reach the server.  ``decode``
+is stateless; ``Reader`` adds buffering and the rules that need memory
+(CONNECT first and only once, the protocol version the CONNECT chose), and
+stays dead after an error since framing is lost.
+
+MQTT 5.0 lives in packets5.py, on the primitives here: its packets are other
+classes (properties and reason codes would slow every 3.1.1 packet down if
+the 3.1.1 classes grew those fields), and ``Reader(version=5)`` switches to
+its tables when the CONNECT says level 5.
 
 Topic syntax (section 4.7) lives here because it decides whether a packet is
 well formed; ``topics`` builds on this module and re-exports the validators.
@@ -65,6 +72,57 @@ class ConnackCode(IntEnum):
     NOT_AUTHORIZED = 5
 
 
+class ReasonCode(IntEnum):
+    """MQTT 5.0 reason codes, section 2.4 Table 2.6.  One value has several names,
+    by the packet it is in (0x00 is Success, Normal disconnection, Granted QoS 0)."""
+
+    SUCCESS = 0x00
+    NORMAL_DISCONNECTION = 0x00
+    GRANTED_QOS_0 = 0x00
+    GRANTED_QOS_1 = 0x01
+    GRANTED_QOS_2 = 0x02
+    DISCONNECT_WITH_WILL_MESSAGE = 0x04
+    NO_MATCHING_SUBSCRIBERS = 0x10
+    NO_SUBSCRIPTION_EXISTED = 0x11
+    CONTINUE_AUTHENTICATION = 0x18
+    RE_AUTHENTICATE = 0x19
+    UNSPECIFIED_ERROR = 0x80
+    MALFORMED_PACKET = 0x81
+    PROTOCOL_ERROR = 0x82
+    IMPLEMENTATION_SPECIFIC_ERROR = 0x83
+    UNSUPPORTED_PROTOCOL_VERSION = 0x84
+    CLIENT_IDENTIFIER_NOT_VALID = 0x85
+    BAD_USER_NAME_OR_PASSWORD = 0x86
+    NOT_AUTHORIZED = 0x87
+    SERVER_UNAVAILABLE = 0x88
+    SERVER_BUSY = 0x89
+    BANNED = 0x8A
+    SERVER_SHUTTING_DOWN = 0x8B
+    BAD_AUTHENTICATION_METHOD = 0x8C
+    KEEP_ALIVE_TIMEOUT = 0x8D
+    SESSION_TAKEN_OVER = 0x8E
+    TOPIC_FILTER_INVALID = 0x8F
+    TOPIC_NAME_INVALID = 0x90
+    PACKET_IDENTIFIER_IN_USE = 0x91
+    PACKET_IDENTIFIER_NOT_FOUND = 0x92
+    RECEIVE_MAXIMUM_EXCEEDED = 0x93
+    TOPIC_ALIAS_INVALID = 0x94
+    PACKET_TOO_LARGE = 0x95
+    MESSAGE_RATE_TOO_HIGH = 0x96
+    QUOTA_EXCEEDED = 0x97
+    ADMINISTRATIVE_ACTION = 0x98
+    PAYLOAD_FORMAT_INVALID = 0x99
+    RETAIN_NOT_SUPPORTED = 0x9A
+    QOS_NOT_SUPPORTED = 0x9B
+    USE_ANOTHER_SERVER = 0x9C
+    SERVER_MOVED = 0x9D
+    SHARED_SUBSCRIPTIONS_NOT_SUPPORTED = 0x9E
+    CONNECTION_RATE_EXCEEDED = 0x9F
+    MAXIMUM_CONNECT_TIME = 0xA0
+    SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED = 0xA1
+    WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED = 0xA2
+
+
 SUBACK_FAILURE = 0x80
 MAX_REMAINING_LENGTH = 268_435_455  # four varint bytes, section 2.2.3
 
@@ -78,29 +136,44 @@ class ProtocolError(Exception):
     """The peer broke the protocol: the connection must be closed.
 
     ``rule`` is the id of the normative statement broken, when one exists.
-    When ``connack`` is not None the server must first answer with a CONNACK
-    carrying that code (section 3.2.2.3); otherwise it closes silently.
+    When ``connack`` is not None a 3.1.1 server must first answer with a
+    CONNACK carrying that code (section 3.2.2.3); otherwise it closes silently.
+    ``reason`` is the MQTT 5.0 reason code of the CONNACK (before one was
+    sent) or DISCONNECT a v5 server sends before it closes (section 4.13).
     """
 
     connack: ConnackCode | None = None
+    reason: ReasonCode = ReasonCode.PROTOCOL_ERROR
 
-    def __init__(self, message: str, rule: str | None = None) -> None:
-        super().__init__(f"{message} [{rule}]" if rule else message)
+    def __init__(self, message: str, rule: str | None = None, reason: ReasonCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
         self.rule = rule
+        if reason is not None:
+            self.reason = reason
+
+    def __str__(self) -> str:
+        # Built when shown: the v5 decoder renames rules to the 5.0 statement ids.
+        return f"{self.message} [{self.rule}]" if self.rule else self.message
 
 
 class MalformedPacket(ProtocolError):
     """The bytes do not form a valid packet."""
 
+    reason = ReasonCode.MALFORMED_PACKET
+
 
 class PacketTooLarge(ProtocolError):
     """The remaining length exceeds the configured limit."""
+
+    reason = ReasonCode.PACKET_TOO_LARGE
 
 
 class UnacceptableProtocol(ProtocolError):
     """A CONNECT for a protocol name or level we do not speak."""
 
     connack = ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION
+    reason = ReasonCode.UNSUPPORTED_PROTOCOL_VERSION
 
 
 class InvalidTopic(MalformedPacket):
@@ -564,6 +637,7 @@ def _decode_at(
     view: memoryview,
     start: int,
     header_errors: tuple[_HeaderError | None, ...],
+    decoders: tuple,
     max_packet_size: int,
 ) -> tuple[Packet, int] | None:
     size = len(view)
@@ -591,7 +665,7 @@ def _decode_at(
     end = pos + length
     if end > size:
         return None
-    return _DECODERS[first >> 4](first & 0x0F, view, pos, end), end
+    return decoders[first >> 4](first & 0x0F, view, pos, end), end
 
 
 def decode(
@@ -599,18 +673,35 @@ def decode(
     *,
     role: str = "server",
     max_packet_size: int = MAX_REMAINING_LENGTH,
-) -> tuple[Packet, int] | None:
+    version: int = 4,
+):
     """Decode the packet at the start of ``data``.
 
     Returns None when more bytes are needed, else the packet and the number of
     bytes it used.  ``role`` is who is receiving: "server" refuses packets
     only a server sends, and the other way round.  ``max_packet_size`` bounds
     the remaining length (the body, without the 2-5 byte fixed header).
+    ``version`` 5 decodes MQTT 5.0 packets (a CONNECT of any level we speak).
     """
     view = memoryview(data)
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
-    return _decode_at(view, 0, _header_errors(role), max_packet_size)
+    if version == 4:
+        return _decode_at(view, 0, _header_errors(role), _DECODERS, max_packet_size)
+    header_errors, decoders = _tables(role, version)
+    return _decode_at(view, 0, header_errors, decoders, max_packet_size)
+
+
+def _tables(role: str, version: int) -> tuple[tuple, tuple]:
+    """The first-byte checks and body decoders for ``role`` speaking ``version``."""
+    header_errors = _header_errors(role)
+    if version == 4:
+        return header_errors, _DECODERS
+    if version == 5:
+        from . import packets5  # imports this module: loaded on first use, not at import
+
+        return packets5.HEADER_ERRORS[role], packets5.DECODERS[role]
+    raise ValueError(f"version must be 4 (3.1.1 and 3.1) or 5, not {version!r}")
 
 
 class Reader:
@@ -621,19 +712,30 @@ class Reader:
     [MQTT-3.2.0-1] for a client; a server refuses a second CONNECT
     [MQTT-3.1.0-2].  After the first ProtocolError the reader is dead:
     ``next_packet`` raises that error again and ``feed`` discards its input.
+
+    ``version``: 4 speaks MQTT 3.1.1 and 3.1 only, so a level 5 CONNECT is
+    refused with CONNACK 1.  5 also speaks MQTT 5.0: a server's reader then
+    decodes the rest of the connection with the version its CONNECT named
+    (``self.version`` says which), a client's reader decodes 5.0 throughout.
     """
 
     __slots__ = (
-        "_buffer", "_pos", "_header_errors", "_max", "_first_type", "_first_rule", "_started", "_error",
+        "_buffer", "_pos", "_header_errors", "_decoders", "_max", "_first_type", "_first_kinds", "_first_rule",
+        "_started", "_error", "_role", "version",
     )
 
-    def __init__(self, role: str = "server", max_packet_size: int = MAX_REMAINING_LENGTH) -> None:
-        self._header_errors = _header_errors(role)
+    def __init__(self, role: str = "server", max_packet_size: int = MAX_REMAINING_LENGTH, version: int = 4) -> None:
+        self._header_errors, self._decoders = _tables(role, version)
+        self._role = role
         self._max = max_packet_size
+        # A server does not know the version before the CONNECT; 3.1 decodes as 3.1.1.
+        self.version = 5 if version == 5 and role == "client" else 4
         if role == "server":
             self._first_type, self._first_rule = PacketType.CONNECT, "MQTT-3.1.0-1"
         else:
             self._first_type, self._first_rule = PacketType.CONNACK, "MQTT-3.2.0-1"
+        # A 5.0 server may send AUTH (type 15) before its CONNACK [MQTT-3.2.0-1].
+        self._first_kinds = (self._first_type, 15) if self.version == 5 else (self._first_type,)
         self._buffer = bytearray()
         # Consumed bytes stay in the buffer until the next feed, which drops
         # them in one go instead of shifting the buffer once per packet.
@@ -664,11 +766,11 @@ class Reader:
         kind = buffer[pos] >> 4
         try:
             if not self._started:
-                if kind != self._first_type:
+                if kind not in self._first_kinds:
                     raise ProtocolError(f"first packet must be {self._first_type.name}", self._first_rule)
             elif kind == PacketType.CONNECT and self._first_type is PacketType.CONNECT:
                 raise ProtocolError("second CONNECT on one connection", "MQTT-3.1.0-2")
-            result = _decode_at(memoryview(buffer), pos, self._header_errors, self._max)
+            result = _decode_at(memoryview(buffer), pos, self._header_errors, self._decoders, self._max)
         except ProtocolError as exc:
             # A traceback can keep a memoryview of the old buffer alive, which
             # would make resizing it fail; a dead reader needs no buffer.
@@ -678,8 +780,23 @@ class Reader:
         if result is None:
             return None
         packet, self._pos = result
-        self._started = True
+        if not self._started:
+            self._start(packet, kind)
         return packet
+
+    def _start(self, packet: Packet, kind: int) -> None:
+        if kind == 15:  # AUTH before the CONNACK
+            return
+        self._started = True
+        if self._role != "server" or self._decoders is _DECODERS:
+            return
+        if packet.protocol_level == 5:
+            from . import packets5
+
+            self.version = 5
+            self._decoders = packets5.connection_decoders(packet)
+        else:
+            self._header_errors, self._decoders = _tables("server", 4)
 
     def __iter__(self) -> Iterator[Packet]:
         """Yield every complete packet currently buffered."""

@@ -1,4 +1,4 @@
-"""Property and fuzz tests for the packet codec.
+"""Property and fuzz tests for the packet codec, MQTT 3.1.1 and 5.0.
 
 Whatever bytes arrive, in whatever fragments, the only exceptions allowed out
 of the decoder are ProtocolError subclasses, and every packet it does return
@@ -8,9 +8,12 @@ kept moderate: the machine running the suite is small and shared.
 
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemons.broker import packets5 as p5
 from daemons.broker.packets import (
     SUBACK_FAILURE,
     Connack,
@@ -25,6 +28,7 @@ from daemons.broker.packets import (
     Publish,
     Pubrec,
     Pubrel,
+    ReasonCode,
     Reader,
     Suback,
     Subscribe,
@@ -222,3 +226,169 @@ def test_mutated_streams_only_raise_protocol_errors(session, mutations, cuts):
     data = mutate(b"".join(encode(p) for p in packets), mutations)
     packets = drain(Reader(role=role), split(data, cuts))
     assert_reencodes(packets, role)
+
+
+# --- MQTT 5.0 -----------------------------------------------------------------------------------
+
+_KIND_VALUES = {
+    p5._BYTE: st.integers(0, 1),
+    p5._U16: st.integers(0, 0xFFFF),
+    p5._U32: st.integers(0, 0xFFFF_FFFF),
+    p5._VBI: st.integers(1, 268_435_455),
+    p5._STR: text,
+    p5._BIN: payload,
+    p5._PAIR: st.tuples(text, text),
+}
+
+
+@st.composite
+def v5_properties(draw, what: str, leave_out: frozenset = frozenset()):
+    """Any valid property block for a `what` packet (p5._ALLOWED names the packets)."""
+    values = {}
+    for ident in sorted(p5._ALLOWED[what] - leave_out):
+        if not draw(st.booleans()):
+            continue
+        name, kind, repeats = p5._PROPERTIES[ident]
+        low, high = p5._RANGES.get(ident, (None, None, None, None))[:2]
+        strategy = text.map(lambda _: "r/t") if ident == 0x08 else _KIND_VALUES[kind]
+        if low is not None:
+            strategy = strategy.filter(lambda v, low=low, high=high: low <= v <= high)
+        if repeats:
+            values[name] = tuple(draw(st.lists(strategy, min_size=1, max_size=1 if what == "SUBSCRIBE" else 3)))
+        else:
+            values[name] = draw(strategy)
+    if "authentication_data" in values and "authentication_method" not in values:
+        del values["authentication_data"]
+    return p5.Properties(**values) if values else p5.NO_PROPERTIES
+
+
+def _codes(table) -> st.SearchStrategy:
+    return st.sampled_from(sorted(ReasonCode(c) for c in table))
+
+
+@st.composite
+def v5_publishes(draw, role: str):
+    q = draw(qos)
+    props = draw(v5_properties("PUBLISH", frozenset({0x0B}) if role == "server" else frozenset()))
+    topic = draw(topic_name | st.just("")) if props.topic_alias else draw(topic_name)
+    return p5.PublishV5(topic, draw(payload), q, draw(st.booleans()), draw(st.booleans()) if q else False,
+                        draw(packet_id) if q else None, props)
+
+
+@st.composite
+def v5_connects(draw):
+    will = draw(st.none() | st.builds(p5.WillV5, topic_name, payload, qos, st.booleans(), v5_properties("WILL")))
+    return p5.ConnectV5(draw(text), draw(st.booleans()), draw(st.integers(0, 0xFFFF)), will, draw(st.none() | text),
+                        draw(st.none() | payload), draw(v5_properties("CONNECT")))
+
+
+def _v5_acks(role: str):
+    return st.one_of(*(
+        st.builds(cls, packet_id, _codes(codes), v5_properties(cls.__name__[:-2].upper()))
+        for cls, codes in ((p5.PubackV5, p5._PUBACK_CODES), (p5.PubrecV5, p5._PUBACK_CODES),
+                           (p5.PubrelV5, p5._PUBREL_CODES), (p5.PubcompV5, p5._PUBREL_CODES))
+    ))
+
+
+subscriptions = st.builds(p5.Subscription, topic_filter, qos, st.booleans(), st.booleans(), st.integers(0, 2))
+
+
+def v5_bound(role: str, method: str | None = None):
+    """Packets after the CONNECT (server) or CONNACK (client); AUTH only with the CONNECT's method."""
+    common = [v5_publishes(role), _v5_acks(role)]
+    if role == "server":
+        auth = [st.builds(p5.Auth, _codes(p5._AUTH_CODES["server"]),
+                          v5_properties("AUTH").map(lambda p: dataclasses.replace(p, authentication_method=method)))] if method else []
+        return st.one_of(*common, *auth,
+            st.builds(p5.SubscribeV5, packet_id, st.lists(subscriptions, min_size=1, max_size=3).map(tuple), v5_properties("SUBSCRIBE")),
+            st.builds(p5.UnsubscribeV5, packet_id, st.lists(topic_filter, min_size=1, max_size=3).map(tuple), v5_properties("UNSUBSCRIBE")),
+            st.just(Pingreq()),
+            st.builds(p5.DisconnectV5, _codes(p5._DISCONNECT_CODES["server"]), v5_properties("DISCONNECT", frozenset({0x11}))),
+        )
+    return st.one_of(*common,
+        st.builds(p5.SubackV5, packet_id, st.lists(_codes(p5._SUBACK_CODES), min_size=1, max_size=4).map(tuple), v5_properties("SUBACK")),
+        st.builds(p5.UnsubackV5, packet_id, st.lists(_codes(p5._UNSUBACK_CODES), min_size=1, max_size=4).map(tuple), v5_properties("UNSUBACK")),
+        st.just(Pingresp()),
+        st.builds(p5.DisconnectV5, _codes(p5._DISCONNECT_CODES["client"]), v5_properties("DISCONNECT", frozenset({0x11}))),
+        st.builds(p5.Auth, _codes(p5._AUTH_CODES["client"]), v5_properties("AUTH").map(lambda p: dataclasses.replace(p, authentication_method="M"))),
+    )
+
+
+@st.composite
+def v5_sessions(draw):
+    """A valid 5.0 byte stream in one direction: its role and its packets."""
+    if draw(st.booleans()):
+        connect = draw(v5_connects())
+        return "server", [connect, *draw(st.lists(v5_bound("server", connect.properties.authentication_method), max_size=6))]
+    connack = p5.ConnackV5(draw(st.booleans()), ReasonCode.SUCCESS, draw(v5_properties("CONNACK")))
+    return "client", [connack, *draw(st.lists(v5_bound("client"), max_size=6))]
+
+
+def encode_any(packet) -> bytes:
+    return p5.encode(packet) if type(packet) in p5._ENCODERS else encode(packet)
+
+
+def assert_reencodes_any(packets: list, role: str) -> None:
+    """Every packet decoded, 3.1.1 or 5.0, encodes back to bytes that decode to itself."""
+    for packet in packets:
+        data = encode_any(packet)
+        version = 5 if type(packet) in p5._ENCODERS else 4
+        assert decode(data, role=role, version=version) == (packet, len(data))
+
+
+@FUZZ
+@given(session=v5_sessions(), cuts=st.lists(st.integers(0, 10_000), max_size=12))
+def test_v5_packets_round_trip_in_any_fragmentation(session, cuts):
+    role, packets = session
+    for packet in packets:
+        data = p5.encode(packet)
+        assert p5.decode(data, role=role) == (packet, len(data))
+    reader = Reader(role=role, version=5)
+    got = []
+    for chunk in split(b"".join(p5.encode(p) for p in packets), cuts):
+        reader.feed(chunk)
+        got.extend(reader)
+    assert got == packets
+
+
+@HARD_FUZZ
+@given(data=st.binary(max_size=300), cuts=st.lists(st.integers(0, 400), max_size=8), role=st.sampled_from(["server", "client"]))
+def test_v5_random_bytes_only_raise_protocol_errors(data, cuts, role):
+    try:
+        decode(data, role=role, max_packet_size=1000, version=5)
+    except ProtocolError:
+        pass
+    packets = drain(Reader(role=role, max_packet_size=1000, version=5), split(data, cuts))
+    assert_reencodes_any(packets, role)
+
+
+@HARD_FUZZ
+@given(
+    data=st.binary(min_size=1, max_size=120),
+    first=st.sampled_from([0x10, 0x20, 0x30, 0x32, 0x34, 0x3B, 0x40, 0x50, 0x62, 0x70, 0x82, 0x90, 0xA2, 0xB0, 0xE0, 0xF0]),
+    role=st.sampled_from(["server", "client"]),
+    block=st.one_of(st.just(b""), st.builds(lambda p: p5.encode_properties(p, "CONNACK"), v5_properties("CONNACK"))),
+)
+def test_v5_random_bodies_behind_valid_headers(data, first, role, block):
+    """Random bodies (some led by a valid property block) with a correct length reach the v5 decoders."""
+    body = (block + data)[:127]
+    framed = bytes([first, len(body)]) + body
+    try:
+        result = decode(framed, role=role, version=5)
+    except ProtocolError:
+        return
+    assert result is not None and result[1] == len(framed)
+    assert_reencodes_any([result[0]], role)
+
+
+@HARD_FUZZ
+@given(
+    session=v5_sessions(),
+    mutations=st.lists(mutation, min_size=1, max_size=4),
+    cuts=st.lists(st.integers(0, 10_000), max_size=8),
+)
+def test_v5_mutated_streams_only_raise_protocol_errors(session, mutations, cuts):
+    role, packets = session
+    data = mutate(b"".join(p5.encode(p) for p in packets), mutations)
+    packets = drain(Reader(role=role, version=5), split(data, cuts))
+    assert_reencodes_any(packets, role)
