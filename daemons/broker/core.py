@@ -55,7 +55,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..service import Log
 from .packets import (
@@ -93,6 +93,10 @@ class Stats:
     messages_sent: int = 0
     publish_received: int = 0
     publish_sent: int = 0
+    # The same two by QoS, indexed 0-2 (Prometheus' iot_broker_messages_*_total{qos}); sent counts
+    # each delivery at the QoS it went out with (the lower of the message's and the grant).
+    publish_received_qos: list[int] = field(default_factory=lambda: [0, 0, 0])
+    publish_sent_qos: list[int] = field(default_factory=lambda: [0, 0, 0])
     publish_dropped: int = 0
     publish_held: int = 0  # QoS 1/2 PUBLISHes held back (not acknowledged yet) for a full queue
     bytes_received: int = 0
@@ -307,6 +311,7 @@ class Broker:
             if qos and self.limits.queue_full == "block" and not self._room(conn, matches):
                 return False
         self.stats.publish_received += 1
+        self.stats.publish_received_qos[qos] += 1
         store = self.store
         mark = store.mark()
         if qos == 2:
@@ -376,11 +381,14 @@ class Broker:
             self._retain(msg)
         qos = msg.qos
         sent = dropped = 0
+        by_qos = self.stats.publish_sent_qos
         if matches is None:
             matches = self._readers(msg.topic, self.tree.match(msg.topic))
         for session, granted in matches.items():
-            if session.deliver(msg, granted if granted < qos else qos):
+            q = granted if granted < qos else qos
+            if session.deliver(msg, q):
                 sent += 1
+                by_qos[q] += 1
             else:
                 dropped += 1
         self.stats.publish_sent += sent
