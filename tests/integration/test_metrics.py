@@ -152,3 +152,59 @@ def test_transfer_metrics_count_a_file_on_both_sides(broker, daemon, tmp_path):
     assert rx[("iot_transfer_recv_chunks_total", ())] == 10
     assert rx[("iot_transfer_recv_chunk_bytes_total", ())] == len(data)
     assert rx[("iot_transfer_recv_file_bytes_total", ())] == len(data)
+
+
+def test_a_real_prometheus_scrapes_the_broker_and_ingest_and_sees_the_counter_move(broker_factory, daemon, tmp_path):
+    """Debian's prometheus (./install.sh --test-deps installs it): every target up, then the
+    broker's received counter, as Prometheus stores it, goes up after messages are published."""
+    import json
+    import shutil
+
+    from tests.support import Proc
+
+    exe = shutil.which("prometheus")
+    assert exe, "Debian's prometheus is not installed: run ./install.sh --local --test-deps"
+    bport, iport, pport = free_port(), free_port(), free_port()
+    b = broker_factory(f'metrics = "127.0.0.1:{bport}"\nsys_interval = 0\n')
+    keys = tmp_path / "ingest.keys"
+    keys.write_text(f"k1 {bytes(32).hex()}\n")
+    os.chmod(keys, 0o600)
+    cfg = tmp_path / "ingest.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path / "var"}"\n[mqtt]\nport = {b.port}\n'
+                   f'[ingest]\nkeys_file = "{keys}"\nmetrics = "127.0.0.1:{iport}"\n')
+    daemon("iot-ingest", "--config", str(cfg))
+    prom_cfg = tmp_path / "prometheus.yml"
+    prom_cfg.write_text(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+        "scrape_configs:\n"
+        f"  - job_name: iot-broker\n    static_configs:\n      - targets: ['127.0.0.1:{bport}']\n"
+        f"  - job_name: iot-ingest\n    static_configs:\n      - targets: ['127.0.0.1:{iport}']\n")
+    prom = Proc([exe, f"--config.file={prom_cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{pport}"], workdir=tmp_path, name="prometheus").start()
+    api = f"http://127.0.0.1:{pport}/api/v1"
+
+    def get(path: str) -> dict:
+        try:
+            return json.loads(urllib.request.urlopen(api + path, timeout=5).read())
+        except OSError:
+            return {}
+
+    def targets_up() -> bool:
+        active = get("/targets").get("data", {}).get("activeTargets", [])
+        return len(active) == 2 and all(t["health"] == "up" for t in active)
+
+    def received() -> float:
+        result = get("/query?query=sum(iot_broker_messages_received_total)").get("data", {}).get("result", [])
+        return float(result[0]["value"][1]) if result else -1.0
+
+    try:
+        wait_for(lambda: targets_up() or not prom.running(), 60, 0.2, what="every Prometheus target up")
+        assert prom.running(), prom.log()
+        wait_for(lambda: received() >= 0, 30, 0.2, what="the broker's counter in Prometheus")
+        start = received()
+        for i in range(3):
+            pub(b.port, "p/x", b"%d" % i, 1)
+        wait_for(lambda: received() >= start + 3, 30, 0.2,
+                 what=f"iot_broker_messages_received_total to rise by 3 from {start} (now {received()})")
+    finally:
+        prom.stop()
