@@ -151,3 +151,32 @@ def test_the_endpoint_serves_the_instance_port_and_closes():
         ep.close()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{base}/metrics", timeout=5)
+
+
+def test_the_grafana_dashboard_is_json_and_asks_only_for_metrics_we_export():
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    dash = json.loads((root / "deploy" / "grafana" / "iot-node.json").read_text())
+    assert any(v["type"] == "datasource" and v["query"] == "prometheus" for v in dash["templating"]["list"])
+    source = "".join(p.read_text() for p in (root / "daemons").rglob("*.py"))
+    exprs = [t["expr"] for panel in dash["panels"] for t in panel["targets"]]
+    names = {n for e in exprs for n in re.findall(r"\biot_[a-z_]+", e)}
+    assert len(names) > 15
+    for name in names:
+        family = name.removesuffix("_total")
+        assert f'"{family}"' in source, f"the dashboard asks for {name}, which no daemon exports"
+
+
+def test_the_prometheus_example_passes_promtool():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    promtool = shutil.which("promtool")
+    assert promtool, "Debian's prometheus (promtool) is not installed: run ./install.sh --local --test-deps"
+    path = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "iot.yml"
+    r = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
