@@ -503,6 +503,9 @@ class FactoryConfig:
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = field(default=8080, metadata=_range(1, 65535))
     dashboard_password_file: Path | None = None
+    # Prometheus /metrics ("" = off): iot-controller on the port, iot-observer + 1, iot-dashboard + 2,
+    # iot-device with several devices + 3, iot-device@NAME + 4 + the device's position.
+    metrics: str = _metrics(9604)
 
 
 SECTIONS: dict[str, type] = {

@@ -208,3 +208,25 @@ def test_a_real_prometheus_scrapes_the_broker_and_ingest_and_sees_the_counter_mo
                  what=f"iot_broker_messages_received_total to rise by 3 from {start} (now {received()})")
     finally:
         prom.stop()
+
+
+def test_factory_daemons_serve_on_their_offsets(broker, daemon, tmp_path):
+    while True:  # the key's port and the 4 after it, free
+        base = free_port()
+        if base < 65530 and not any(port_open(base + i) for i in range(1, 5)):
+            break
+    cfg = tmp_path / "iot.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path / "var"}"\n[mqtt]\nport = {broker.port}\n'
+                   f'[factory]\nmetrics = "127.0.0.1:{base}"\ndashboard_port = {free_port()}\n'
+                   '[[factory.device]]\nname = "press"\ninterval = 0.1\n'
+                   '[[factory.device.sensor]]\nname = "temperature"\n')
+    daemon("iot-controller", "--config", str(cfg))
+    daemon("iot-observer", "--config", str(cfg))
+    daemon("iot-dashboard", "--config", str(cfg))
+    daemon("iot-device", "--config", str(cfg), "--device", "press")  # iot-device@press: + 4 + its position 0
+    wait_value(base + 4, "iot_device_connected", 1, device="press")
+    assert value(base + 4, "iot_device_running", device="press") == 1
+    wait_value(base + 1, "iot_observer_messages_total", 10)
+    wait_value(base + 2, "iot_dashboard_devices_online", 1)
+    assert value(base, "iot_controller_broker_connected") == 1
+    assert value(base, "iot_controller_alarms_total") == 0
