@@ -4,13 +4,14 @@ Theory of operation: a daemon keeps its own counters (the ones its STATUS= line 
 topics show) and hands `serve()` a function that turns them into metric families. Nothing
 is counted twice: the families are built at scrape time by `Snapshot.collect()`, which
 prometheus-client's HTTP server (a thread of its own) calls. Where the counters belong to an
-asyncio loop (the broker), the function runs on that loop, so a scrape never reads a dict
+asyncio loop (the broker, the dashboard), the function runs on that loop, so a scrape never reads a dict
 while the loop changes it; a loop that does not answer in SCRAPE_TIMEOUT fails the scrape
 (HTTP 500, which Prometheus shows as the target down) instead of hanging it.
 
 Each daemon's section has a `metrics = "HOST:PORT"` key ("" = off). A daemon that runs as
 several processes from one section serves each on the port plus its index (iot-plc: the
-[[plc.device]]'s position; iot-transfer-recv: +1 beside iot-transfer-send). A port that is
+[[plc.device]]'s position; iot-transfer-recv: +1 beside iot-transfer-send; the factory's
+daemons: factory.METRICS_OFFSET). Ports are the 9600-9699 block listed in etc/iot/iot.toml. A port that is
 taken, or past 65535 after the index, is a warning, never a stop: metrics are a view, the
 daemon's work matters more.
 """
