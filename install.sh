@@ -22,7 +22,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 MODE=system
 TEST_DEPS=0 START=0 SUPERVISOR=0 PURGE=0 FACTORY=0
 ROOT="" WHEELHOUSE="" MAKE_WHEELHOUSE=""
-APT_TEST_PACKAGES=(mosquitto mosquitto-clients mariadb-server debootstrap systemd-container chromium)
+APT_TEST_PACKAGES=(mosquitto mosquitto-clients mariadb-server debootstrap systemd-container chromium prometheus)
 UNITS=(iot-broker.service iot-transfer-recv.service iot-transfer-send.service iot-ingest.service iot-dbsub.service
        iot.target)
 # Unit files installed but not enabled themselves: iot-plc@NAME is enabled once per [[plc.device]],

@@ -40,6 +40,7 @@ errors found later by a daemon (`Config.origin`).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import socket
@@ -100,6 +101,34 @@ def expiration_seconds(text: str) -> float:
         raise ValueError(f'expected a whole number and a unit s, h, d, w, m or y (e.g. "30d"), '
                          f'or "" or "0" for never, got {text!r}')
     return float(int(number) * _EXPIRATION_UNITS[unit])
+
+
+def metrics_address(text: str) -> tuple[str, int] | None:
+    """A `metrics` key: "HOST:PORT" (an IPv6 host in brackets: "[::1]:9600") -> (host, port);
+    "" -> None (off). Raises ValueError saying what is expected."""
+    if text == "":
+        return None
+    expected = ('expected "" (off) or ADDRESS:PORT with an IP address and a port from 1 to 65535, '
+                f'e.g. "127.0.0.1:9600", got {text!r}')
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise ValueError(expected)
+    elif ":" in host:
+        raise ValueError(expected)  # IPv6 without brackets: its last group would pass for the port
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(expected) from None
+    if not sep or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(expected)
+    return host, int(port)
+
+
+def _metrics(port: int) -> Any:
+    """A section's `metrics` key: loopback by default, on the port of its block (etc/iot/iot.toml)."""
+    return field(default=f"127.0.0.1:{port}", metadata={"check": metrics_address})
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +360,8 @@ class BrokerConfig:
     persistence_location: Path | None = None
     # Bytes of queued messages the store may hold; past it flow control begins (queue_full).
     max_store_bytes: int = field(default=1024**3, metadata=_range(1024**2, 2**50))
+    # Prometheus /metrics ("" = off); see daemons/metrics.py.
+    metrics: str = _metrics(9600)
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +400,8 @@ class TransferConfig:
     sync_bytes: int = field(default=16 * 1024**2, metadata=_range(0, 2**40))
     # Seconds an unfinished transfer may stay idle before its partial file is removed; 0 = never.
     partial_ttl: float = field(default=7 * 86400.0, metadata=_range(0, 10**9))
+    # Prometheus /metrics ("" = off): iot-transfer-send on this port, iot-transfer-recv on the port + 1.
+    metrics: str = _metrics(9602)
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +456,8 @@ class IngestConfig:
     mysql_keyfile: Path | None = None
     # Seconds for connect, and for any one read or write, before the database counts as down.
     mysql_timeout: float = field(default=10.0, metadata=_range(1, 3600))
+    # Prometheus /metrics ("" = off); worker I of several serves on the port + I.
+    metrics: str = _metrics(9620)
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,6 +513,8 @@ class PlcConfig:
     # A PLC that does not answer is tried again after a delay doubling between these (seconds).
     retry_min: float = field(default=1.0, metadata=_range(0.01, 3600))
     retry_max: float = field(default=60.0, metadata=_range(0.01, 86400))
+    # Prometheus /metrics ("" = off); the PLC of the Nth [[plc.device]] (from 0) serves on the port + N.
+    metrics: str = _metrics(9650)
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +529,8 @@ class DbsubConfig:
     batch_size: int = field(default=500, metadata=_range(1, 100_000))
     retry_min: float = field(default=0.5, metadata=_range(0.01, 600))
     retry_max: float = field(default=30.0, metadata=_range(0.01, 3600))
+    # Prometheus /metrics ("" = off).
+    metrics: str = _metrics(9601)
 
 
 @dataclass(frozen=True, slots=True)
@@ -574,6 +613,9 @@ class FactoryConfig:
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = field(default=8080, metadata=_range(1, 65535))
     dashboard_password_file: Path | None = None
+    # Prometheus /metrics ("" = off): iot-controller on the port, iot-observer + 1, iot-dashboard + 2,
+    # iot-device with several devices + 3, iot-device@NAME + 4 + the device's position.
+    metrics: str = _metrics(9604)
 
 
 SECTIONS: dict[str, type] = {

@@ -123,6 +123,13 @@ class Inbox:
         self._woken = False
         return bool(self._items)
 
+    def oldest(self) -> float | None:
+        """When (time.monotonic) the oldest waiting message arrived; None if none waits. Any thread."""
+        try:
+            return self._items[0][1].timestamp
+        except IndexError:
+            return None
+
     def take(self, n: int) -> list[Delivery]:
         """Up to `n` waiting deliveries, oldest first."""
         items = self._items

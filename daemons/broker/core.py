@@ -59,7 +59,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..service import Log
 from .packets import (
@@ -101,6 +101,10 @@ class Stats:
     messages_sent: int = 0
     publish_received: int = 0
     publish_sent: int = 0
+    # The same two by QoS, indexed 0-2 (Prometheus' iot_broker_messages_*_total{qos}); sent counts
+    # each delivery at the QoS it went out with (the lower of the message's and the grant).
+    publish_received_qos: list[int] = field(default_factory=lambda: [0, 0, 0])
+    publish_sent_qos: list[int] = field(default_factory=lambda: [0, 0, 0])
     publish_dropped: int = 0
     publish_held: int = 0  # QoS 1/2 PUBLISHes held back (not acknowledged yet) for a full queue
     bytes_received: int = 0
@@ -329,6 +333,7 @@ class Broker:
             if qos and self.limits.queue_full == "block" and not self._room(conn, routes):
                 return False
         self.stats.publish_received += 1
+        self.stats.publish_received_qos[qos] += 1
         store = self.store
         mark = store.mark()
         if qos == 2:
@@ -403,12 +408,14 @@ class Broker:
         if msg.retain:
             self._retain(msg)
         sent = dropped = 0
+        by_qos = self.stats.publish_sent_qos
         if routes is None:
             routes = self._routes(msg.topic, msg.qos)
-        for session, qos, group in routes:
+        for session, q, group in routes:
             # A bridge gets the retain flag as published (Mosquitto's bridges keep it).
-            if session is not None and session.deliver(msg, qos, msg.retain and session.no_local, group=group):
+            if session is not None and session.deliver(msg, q, msg.retain and session.no_local, group=group):
                 sent += 1
+                by_qos[q] += 1
             else:
                 dropped += 1
         self.stats.publish_sent += sent

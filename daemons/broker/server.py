@@ -83,8 +83,9 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from .. import service
+from .. import metrics, service
 from ..config import BrokerConfig, Config, ConfigError, ListenerConfig, expiration_seconds
+from ..metrics import Families
 from ..service import Exit, Log, Service
 
 from . import trace
@@ -735,6 +736,55 @@ class Server:
             c.close()
 
 
+def families(srv: Server) -> Families:
+    """The broker's counters as Prometheus metrics (daemons/metrics.py); run on the loop."""
+    b, s, out = srv.broker, srv.broker.stats, Families()
+    out.gauge("iot_broker_connections", "Clients connected now.", b.connected)
+    out.counter("iot_broker_connections", "Connections accepted (CONNACK 0) since start.", s.connections_total)
+    out.gauge("iot_broker_sessions", "Sessions held, connected or persistent and away.", len(b.sessions))
+    out.counter("iot_broker_packets_received", "MQTT packets of any type received.", s.messages_received)
+    out.counter("iot_broker_packets_sent", "MQTT packets of any type sent.", s.messages_sent)
+    qos = ("0", "1", "2")
+    out.counter("iot_broker_messages_received", "PUBLISH messages received from clients, by QoS.",
+                label="qos", values=dict(zip(qos, s.publish_received_qos)))
+    out.counter("iot_broker_messages_sent", "Messages delivered to subscribers (sent or queued), by the QoS "
+                "they go out with.", label="qos", values=dict(zip(qos, s.publish_sent_qos)))
+    out.counter("iot_broker_messages_dropped", "Deliveries dropped: queue full (queue_full = drop) or QoS 0 "
+                "to a congested client.", s.publish_dropped)
+    out.counter("iot_broker_messages_held", "QoS 1/2 PUBLISHes held back unacknowledged for a full queue "
+                "(queue_full = block).", s.publish_held)
+    out.gauge("iot_broker_messages_queued", "Messages queued or in flight to sessions, in memory and on disk.",
+              sum(x.pending() for x in b.sessions.values()))
+    out.gauge("iot_broker_store_queued_bytes", "Bytes of queued messages in the persistent store.", b.store.bytes)
+    retained, retained_bytes = b.retained.usage()
+    out.gauge("iot_broker_retained_messages", "Retained messages held, not counting $SYS topics.", retained)
+    out.gauge("iot_broker_retained_bytes", "Bytes (topics and payloads) of those retained messages.", retained_bytes)
+    out.gauge("iot_broker_subscriptions", "Subscriptions held.", len(b.tree))
+    out.counter("iot_broker_bytes_received", "Bytes received from clients.", s.bytes_received)
+    out.counter("iot_broker_bytes_sent", "Bytes sent to clients.", s.bytes_sent)
+    out.counter("iot_broker_limit_hits", "Refusals and closes by the limits against hostile or broken clients "
+                "($SYS/broker/limits/...).", label="limit", values={
+                    "topic_levels": s.topic_levels_refused, "subscriptions": s.subscriptions_refused,
+                    "retained": s.retained_refused, "sessions_expired": s.sessions_expired,
+                    "connect_size": s.connect_size_refused, "connection_rate": s.connection_rate_refused,
+                    "write_timeout": s.write_timeout_closed})
+    out.counter("iot_broker_access_denied", "Logins refused and PUBLISH/SUBSCRIBE denied by the ACL "
+                "($SYS/broker/access/...).", label="action", values={
+                    "login": s.logins_refused, "publish": s.publish_denied, "subscribe": s.subscribe_denied})
+    # Bridges (another module adds srv.bridges); absent, the families are there and empty.
+    bridges = list(getattr(srv, "bridges", ()))
+    for name, doc, attr, kind in (
+            ("iot_broker_bridge_up", "1 while the bridge is connected to its remote broker.", "connected", "gauge"),
+            ("iot_broker_bridge_messages_queued", "Messages waiting to cross the bridge.", "queued", "gauge"),
+            ("iot_broker_bridge_messages_sent", "Messages sent to the remote broker.", "sent", "counter"),
+            ("iot_broker_bridge_messages_received", "Messages received from the remote broker.", "received",
+             "counter"),
+            ("iot_broker_bridge_messages_dropped", "Messages the bridge dropped.", "dropped", "counter")):
+        getattr(out, kind)(name, doc, label="bridge",
+                           values={br.name: float(getattr(br, attr)) for br in bridges})
+    return out
+
+
 def _raise_fd_limit(want: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = min(hard, max(soft, want + 64))
@@ -815,7 +865,7 @@ async def serve(svc: Service) -> None:
     if any(lst.cfg.protocol == "websockets" for lst in listeners):
         logging.getLogger("websockets").setLevel(logging.WARNING)  # our own lines say what matters
     servers: list[asyncio.Server] = []
-    timers = None
+    timers = endpoint = None
     try:
         bound = []
         for lst in listeners:
@@ -832,6 +882,7 @@ async def serve(svc: Service) -> None:
 
         svc.on_reload = on_reload
         svc.status_fn = srv.broker.summary
+        endpoint = metrics.serve(svc.log, cfg.metrics, "[broker] metrics", lambda: families(srv), loop=loop)
         svc.ready("listening on " + ", ".join(bound))
         timers = asyncio.create_task(srv.run_timers(svc))
         for b in srv.bridges:
@@ -842,6 +893,8 @@ async def serve(svc: Service) -> None:
             timers.cancel()
         for b in srv.bridges:
             await b.stop()
+        if endpoint is not None:
+            endpoint.close()
         for server in servers:
             server.close()
         srv.close_all()

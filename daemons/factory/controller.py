@@ -16,11 +16,12 @@ import sys
 
 import orjson
 
-from .. import service
+from .. import metrics, service
 from ..config import RuleConfig
+from ..metrics import Families
 from ..mqttclient import MqttClient
 from ..service import Service
-from . import as_role
+from . import METRICS_OFFSET, as_role
 from . import messages as M
 
 
@@ -43,6 +44,15 @@ def serve(svc: Service) -> None:
     handled = sent = 0
     svc.status_fn = lambda: f"session={session} alarms={handled} commands={sent}" + (
         "" if client.connected else " (broker not connected)")
+
+    def families() -> Families:
+        out = Families()
+        out.counter("iot_controller_alarms", "Alarm messages received.", handled)
+        out.counter("iot_controller_commands", "Commands sent to devices.", sent)
+        out.gauge("iot_controller_broker_connected", "1 while connected to the broker.", client.connected)
+        return out
+
+    endpoint = metrics.serve(svc.log, fc.metrics, "[factory] metrics", families, index=METRICS_OFFSET["controller"])
     client.start()
     client.subscribed.wait(5)
     svc.ready(f"{session} session, {len(fc.rule)} rules")
@@ -73,6 +83,8 @@ def serve(svc: Service) -> None:
             svc.log.info("command sent", device=device, command=rule.command, reason=reason,
                          redelivered=int(msg.dup))
     finally:
+        if endpoint is not None:
+            endpoint.close()
         client.stop()
 
 

@@ -34,10 +34,12 @@ import time
 from collections import deque
 
 from .. import config as configmod
-from .. import service
+from .. import metrics, service
 from ..config import FactoryDeviceConfig, MqttConfig, SensorConfig
+from ..metrics import Families
 from ..mqttclient import MqttClient, Will
 from ..service import Exit, Log, Service
+from . import METRICS_OFFSET
 from . import messages as M
 
 SPIKE_CHANCE = 0.02  # per device and tick, with --anomaly
@@ -206,6 +208,21 @@ def serve(svc: Service) -> None:
         d.client.start()
     crash_at = time.monotonic() + args.crash_after if args.crash_after is not None else None
     svc.status_fn = lambda: " ".join(f"{d.name}={d.state}{'' if d.client.connected else '(offline)'}" for d in devices)
+
+    def families() -> Families:
+        out = Families()
+        out.gauge("iot_device_connected", "1 while the device is connected to the broker.", label="device",
+                  values={d.name: d.client.connected for d in devices})
+        out.gauge("iot_device_running", "1 while the device runs (0: stopped or in fault).", label="device",
+                  values={d.name: d.state == "running" for d in devices})
+        out.gauge("iot_device_alarms", "Alarms raised and not cleared.", label="device",
+                  values={d.name: sum(1 for s in d.sensors.values() if s.alarm) for d in devices})
+        return out
+
+    # iot-device@NAME (one device) on its own port, so that each of the per-device units has one.
+    one = len(chosen) == 1 and args.device not in (None, ["all"])
+    index = METRICS_OFFSET["device"] + cfg.factory.device.index(chosen[0]) if one else METRICS_OFFSET["devices"]
+    endpoint = metrics.serve(svc.log, cfg.factory.metrics, "[factory] metrics", families, index=index)
     svc.ready(f"devices {', '.join(d.name for d in devices)}" + (" with anomalies" if args.anomaly else ""))
     now = time.monotonic()
     for d in devices:
@@ -237,6 +254,8 @@ def serve(svc: Service) -> None:
             info.wait_for_publish(max(0.0, deadline - time.monotonic()))
         for d in devices:
             d.client.stop()
+        if endpoint is not None:
+            endpoint.close()
 
 
 def _seconds(text: str) -> float:

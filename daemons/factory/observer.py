@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import sys
 
-from .. import service
+from .. import metrics, service
+from ..metrics import Families
 from ..mqttclient import MqttClient
 from ..service import Service
-from . import as_role
+from . import METRICS_OFFSET, as_role
 from . import messages as M
 
 
@@ -37,6 +38,15 @@ def serve(svc: Service) -> None:
     client = MqttClient(as_role(cfg.mqtt, cfg.factory.observer_username), "observer", log=log,
                         subscriptions=[(f"{M.PREFIX}/#", 1)], on_message=on_message)
     svc.status_fn = lambda: f"messages={count[0]}" + ("" if client.connected else " (broker not connected)")
+
+    def families() -> Families:
+        out = Families()
+        out.counter("iot_observer_messages", "Factory messages seen.", count[0])
+        out.gauge("iot_observer_broker_connected", "1 while connected to the broker.", client.connected)
+        return out
+
+    endpoint = metrics.serve(log, cfg.factory.metrics, "[factory] metrics", families,
+                             index=METRICS_OFFSET["observer"])
     client.start()
     client.subscribed.wait(5)
     svc.ready(f"watching {M.PREFIX}/#")
@@ -44,6 +54,8 @@ def serve(svc: Service) -> None:
         while svc.wait(1.0):
             pass
     finally:
+        if endpoint is not None:
+            endpoint.close()
         client.stop()
 
 

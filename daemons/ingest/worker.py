@@ -54,9 +54,10 @@ from pathlib import Path
 import orjson
 
 from .. import config as configmod
-from .. import service
+from .. import metrics, service
 from ..config import Config, ConfigError
 from ..durable import atomic_write
+from ..metrics import Families
 from ..mqttclient import Delivery, MqttClient, backoff, paho_version
 from ..service import Exit, Service
 from . import dlq as dlqmod
@@ -121,10 +122,14 @@ def to_row(verifier: Verifier, topic: str, payload: bytes) -> Row:
 
 class Stats:
     __slots__ = ("landed", "dlq", "retained_again", "batches", "lat_sum", "lat_n", "last_landed", "last_t",
-                 "rate", "outage", "started", "busy")
+                 "rate", "outage", "started", "busy", "commit_sum", "holding_since", "holding")
 
     def __init__(self):
         self.landed = self.dlq = self.retained_again = self.batches = self.busy = 0
+        self.commit_sum = 0.0  # seconds spent in the database's upsert + commit, over `batches`
+        # The batch being landed (unacknowledged, out of the inbox): its size and first arrival.
+        self.holding = 0
+        self.holding_since: float | None = None
         self.lat_sum = 0.0
         self.lat_n = 0
         self.last_landed = 0
@@ -148,6 +153,7 @@ class Ingest:
         )
         assert c.inbox is not None
         self.inbox = c.inbox
+        self.dlq_size = dlqmod.Size(dlq.folder)
         self.snap_path = status_path(cfg, worker)
         self._snap: dict = {}
         self._snap_at = -SNAPSHOT_IDLE
@@ -191,6 +197,14 @@ class Ingest:
 
     def process(self, batch: list[Delivery]) -> bool:
         """Land one batch and acknowledge it. False if a stop came first (nothing acked)."""
+        st = self.stats
+        st.holding_since, st.holding = batch[0][1].timestamp, len(batch)
+        try:
+            return self._process(batch)
+        finally:
+            st.holding_since, st.holding = None, 0
+
+    def _process(self, batch: list[Delivery]) -> bool:
         rows: list[Row] = []
         where: list[int] = []  # batch index of each row
         bad: list[tuple[str, str, str, bytes, str | None]] = []
@@ -221,7 +235,9 @@ class Ingest:
 
         def write() -> None:
             nonlocal refused
+            t0 = time.monotonic()
             refused = self.sink.write(rows)
+            self.stats.commit_sum += time.monotonic() - t0
 
         if rows and not self._retry(write, "database unavailable", len(batch)):
             return False
@@ -305,6 +321,32 @@ class Ingest:
             line = "broker not connected; " + line
         return line
 
+    def families(self) -> Families:
+        """The counters as Prometheus metrics (daemons/metrics.py), read from the scrape's thread."""
+        st, out = self.stats, Families()
+        out.counter("iot_ingest_records_stored", "Readings committed to the database.", st.landed)
+        out.counter("iot_ingest_records_rejected", "Messages written to the DLQ (bad signature, schema, "
+                    "refused by the database...).", st.dlq)
+        out.counter("iot_ingest_retained_again", "Retained bad messages delivered again and already in the DLQ.",
+                    st.retained_again)
+        out.counter("iot_ingest_batches", "Batches landed and acknowledged.", st.batches)
+        out.counter("iot_ingest_commit_seconds", "Seconds spent in the database's upsert and commit, over all "
+                    "batches (divide its rate by that of iot_ingest_batches_total for the mean).", st.commit_sum)
+        waiting = len(self.inbox)
+        out.gauge("iot_ingest_unacked_messages", "Messages received and not yet acknowledged (waiting or being "
+                  "landed).", waiting + st.holding)
+        oldest = st.holding_since if st.holding_since is not None else self.inbox.oldest()
+        out.gauge("iot_ingest_lag_seconds", "Age of the oldest unacknowledged message; 0 when none waits.",
+                  time.monotonic() - oldest if oldest is not None else 0.0)
+        out.gauge("iot_ingest_broker_connected", "1 while connected to the broker.", self.client.connected)
+        out.gauge("iot_ingest_database_up", "0 while the database (or the DLQ) cannot be written.",
+                  st.outage is None)
+        entries, size = self.dlq_size.count()
+        out.gauge("iot_ingest_dlq_records", "Entries in the DLQ folder (shared by every worker).", entries)
+        out.gauge("iot_ingest_dlq_bytes", "Bytes of the DLQ's segments.", size)
+        out.gauge("iot_ingest_dlq_files", "Segment files in the DLQ folder.", len(dlqmod.segments(self.dlq.folder)))
+        return out
+
     def snapshot(self) -> dict:
         st = self.stats
         return {"landed": st.landed, "dlq": st.dlq, "queue": len(self.inbox), "connected": self.client.connected,
@@ -383,6 +425,8 @@ def serve(svc: Service) -> None:
     gc.freeze()  # what start-up allocated is never garbage: keep it out of every collection
     ing.start_mqtt()
     svc.status_fn = ing.summary
+    # Worker I serves on the port + I - 1 (worker 1 on the port itself).
+    endpoint = metrics.serve(svc.log, ic.metrics, "[ingest] metrics", ing.families, index=worker - 1)
     # READY once the broker has granted the subscription (from then on nothing published is
     # missed, even on a first start), or after SUBSCRIBE_WAIT while it keeps retrying.
     subscribed = ing.client.subscribed.wait(SUBSCRIBE_WAIT)
@@ -402,6 +446,8 @@ def serve(svc: Service) -> None:
         raise Exit(service.EX_DATAERR, str(e)) from None
     finally:
         svc.log.info("final " + ing.summary(), unacked_left=len(ing.inbox))
+        if endpoint is not None:
+            endpoint.close()
         ing.client.stop()
         sink.close()
         dlq.close()

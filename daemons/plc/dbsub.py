@@ -23,7 +23,8 @@ import sqlite3
 import sys
 import time
 
-from .. import service
+from .. import metrics, service
+from ..metrics import Families
 from ..mqttclient import Delivery, MqttClient, backoff
 from ..service import Exit, Service
 from . import db as dbmod
@@ -111,6 +112,18 @@ class DbSub:
                              rejected_total=sum(self.rejected.values()), topic=m._topic.decode("utf-8", "replace"),
                              bytes=len(m.payload), detail=detail[:200])
 
+    def families(self) -> Families:
+        """The counters as Prometheus metrics (daemons/metrics.py), read from the scrape's thread."""
+        out = Families()
+        out.counter("iot_dbsub_readings_stored", "Readings committed as new rows.", self.stored)
+        out.counter("iot_dbsub_readings_duplicate", "Readings delivered again and already stored.", self.duplicates)
+        out.counter("iot_dbsub_readings_rejected", "Malformed readings not stored, by reason.", label="reason",
+                    values=dict(self.rejected))
+        out.gauge("iot_dbsub_unacked_messages", "Messages received and waiting to be stored.", len(self.inbox))
+        out.gauge("iot_dbsub_broker_connected", "1 while connected to the broker.", self.client.connected)
+        out.gauge("iot_dbsub_database_up", "0 while the database cannot be written.", self.outage is None)
+        return out
+
     def summary(self) -> str:
         rejected = ",".join(f"{k}={v}" for k, v in sorted(self.rejected.items())) or "0"
         line = (f"stored={self.stored} again={self.duplicates} rejected={rejected} queue={len(self.inbox)} "
@@ -131,6 +144,7 @@ def serve(svc: Service) -> None:
     sub = DbSub(svc, db)
     svc.status_fn = sub.summary
     sub.client.start()
+    endpoint = metrics.serve(svc.log, sub.cfg.metrics, "[dbsub] metrics", sub.families)
     topics = ",".join(sub.cfg.topics)
     subscribed = sub.client.subscribed.wait(SUBSCRIBE_WAIT)
     svc.ready((f"subscribed to {topics}" if subscribed else "broker not reachable yet; retrying")
@@ -143,6 +157,8 @@ def serve(svc: Service) -> None:
                 break
     finally:
         svc.log.info("final " + sub.summary(), unacked_left=len(sub.inbox))
+        if endpoint is not None:
+            endpoint.close()
         sub.client.stop()
         db.close()
 

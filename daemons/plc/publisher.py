@@ -30,8 +30,9 @@ import time
 from collections import deque
 
 from .. import config as configmod
-from .. import service
+from .. import metrics, service
 from ..config import Config, PlcDeviceConfig
+from ..metrics import Families
 from ..mqttclient import MqttClient
 from ..service import Exit, Service
 from . import reading
@@ -162,6 +163,30 @@ class Plc:
             self.log.info("PUBLISH sent (queued readings)", count=len(rows), seqs=f"{rows[0][0]}-{rows[-1][0]}",
                           queued=len(self.queue))
 
+    def families(self) -> Families:
+        """The counters as Prometheus metrics (daemons/metrics.py), read from the scrape's thread."""
+        q, out = self.queue, Families()
+        out.counter("iot_plc_readings_taken", "Readings taken and stored in the disk queue (the next seq "
+                    "number: counts since the queue was created, across restarts).", q.next_seq)
+        out.counter("iot_plc_readings_published", "PUBLISHes handed to the broker connection since start.",
+                    self.published)
+        out.counter("iot_plc_readings_acknowledged", "Readings the broker acknowledged (PUBACK) since start.",
+                    self.acked)
+        out.counter("iot_plc_readings_dropped", "Oldest readings dropped from a full disk queue (across restarts).",
+                    q.dropped)
+        out.counter("iot_plc_readings_unstored", "Readings lost because the disk queue could not be written.",
+                    self.unstored)
+        out.gauge("iot_plc_queue_readings", "Readings in the disk queue, not yet acknowledged.", len(q))
+        out.gauge("iot_plc_queue_limit_readings", "The disk queue's bound ([plc] queue_size).", q.limit)
+        out.gauge("iot_plc_inflight_readings", "Readings published and awaiting PUBACK.", len(self.inflight))
+        out.gauge("iot_plc_broker_connected", "1 while connected to the broker.", self.client.connected)
+        modbus = isinstance(self.source, Modbus)
+        out.gauge("iot_plc_up", "1 while the PLC answers (a simulated one always does).",
+                  not modbus or self.source.down_since is None)
+        out.counter("iot_plc_readings_missed", "Readings due while the PLC did not answer.",
+                    self.source.missed_total if modbus else 0)
+        return out
+
     def summary(self) -> str:
         q = self.queue
         line = (f"{'connected' if self.client.connected else 'broker not connected'}; next_seq={q.next_seq} "
@@ -200,12 +225,17 @@ def serve(svc: Service) -> None:
     plc = Plc(svc, dev, queue, source)
     svc.status_fn = plc.summary
     plc.client.start()
+    # One process per PLC: the Nth [[plc.device]] serves on the port + N.
+    endpoint = metrics.serve(svc.log, cfg.plc.metrics, "[plc] metrics", plc.families,
+                             index=cfg.plc.device.index(dev))
     svc.ready(f"PLC {dev.name} ({source.describe()}) as device {dev.id} every {dev.interval:g}s to {dev.topic}; "
               f"next_seq={queue.next_seq} queued={len(queue)}")
     try:
         plc.run()
     finally:
         svc.log.info("final " + plc.summary())
+        if endpoint is not None:
+            endpoint.close()
         plc.client.stop()
         source.close()
         queue.close()

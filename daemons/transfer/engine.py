@@ -123,6 +123,8 @@ class Engine:
         self.transfers: dict[str, Outgoing] = {}
         self.ended: list[Outgoing] = []  # done or failed since the caller last looked
         self._turn = 0
+        # Since start, over all files (Prometheus, daemons/metrics.py).
+        self.chunks_sent = self.chunk_bytes_sent = self.chunks_resent = 0
 
     # adding and removing -----------------------------------------------------------------------
 
@@ -261,6 +263,7 @@ class Engine:
             del t.retry[index]
             kind, again = "retry", True
             t.retries += 1
+            self.chunks_resent += 1
         else:
             index = t.next_new
             t.next_new += 1
@@ -277,3 +280,5 @@ class Engine:
         self.rate.spend(want)
         t.inflight[index] = now
         t.bytes_sent += want
+        self.chunks_sent += 1
+        self.chunk_bytes_sent += want

@@ -49,8 +49,9 @@ from pathlib import Path
 
 import orjson
 
-from .. import service
+from .. import metrics, service
 from ..config import TransferConfig
+from ..metrics import Families
 from ..mqttclient import MqttClient
 from . import codec
 from . import protocol as P
@@ -81,6 +82,8 @@ class Receiver:
         self.answered: dict[str, float] = {}  # ids lately answered with "unknown"/refused/ack again
         self.files_done = 0
         self.bytes_done = 0
+        # Since start, over all files (Prometheus, daemons/metrics.py).
+        self.chunks = self.chunk_bytes = self.chunks_duplicate = self.chunks_bad = self.files_refused = 0
 
     # paths -------------------------------------------------------------------------------------
 
@@ -264,6 +267,7 @@ class Receiver:
 
     def _refuse(self, fid: str, name: str, why: str) -> None:
         if self._answer_once("refused:" + fid, 1.0):
+            self.files_refused += 1
             self.log.warning("transfer refused", id=fid, name=name, reason=why)
             self.publish(P.topic(self.cfg.topic_prefix, fid, "status"),
                          self.codec.encode_status(P.Status(fid, P.REFUSED, reason=why)))
@@ -301,10 +305,12 @@ class Receiver:
             raise P.BadMessage(f"chunk index {i} outside 0..{m.chunks - 1}")
         if p.received[i]:
             p.duplicates += 1
+            self.chunks_duplicate += 1
             return
         data = c.data
         if len(data) != m.chunk_len(i) or hashlib.sha256(data).digest() != m.chunk_digest(i):
             p.bad[i] = p.bad.get(i, 0) + 1
+            self.chunks_bad += 1
             p.high = max(p.high, i + 1)  # it did arrive: the sender may resend it without waiting
             p.status_due = now
             self.log.warning("chunk failed its hash; asking for it again", id=fid, index=i, copies=p.bad[i])
@@ -318,6 +324,8 @@ class Receiver:
         except OSError as e:
             self._drop(p, self._os_reason(e, m.size))
             return
+        self.chunks += 1
+        self.chunk_bytes += len(data)
         if p.count == m.chunks:
             self._complete(p)
         elif p.since_status >= STATUS_EVERY:
@@ -474,6 +482,22 @@ class Receiver:
              "seconds": round(now - p.started, 1)} for p in self.partials.values()],
             "done": self.files_done}
 
+    def families(self) -> Families:
+        """The counters as Prometheus metrics (daemons/metrics.py), read from the scrape's thread."""
+        out = Families()
+        out.counter("iot_transfer_recv_files", "Files received whole, verified and in the spool.", self.files_done)
+        out.counter("iot_transfer_recv_file_bytes", "Bytes of those files.", self.bytes_done)
+        out.counter("iot_transfer_recv_files_refused", "Transfers refused or given up (too large, disk full, "
+                    "bad chunks...).", self.files_refused)
+        out.counter("iot_transfer_recv_chunks", "New chunks written.", self.chunks)
+        out.counter("iot_transfer_recv_chunk_bytes", "Bytes of those chunks.", self.chunk_bytes)
+        out.counter("iot_transfer_recv_chunks_duplicate", "Chunks received again and ignored.",
+                    self.chunks_duplicate)
+        out.counter("iot_transfer_recv_chunks_bad", "Chunks that failed their hash (asked for again).",
+                    self.chunks_bad)
+        out.gauge("iot_transfer_recv_files_in_progress", "Partial files being received.", len(self.partials))
+        return out
+
     def summary(self) -> str:
         if not self.partials:
             return f"idle; {self.files_done} received ({self.bytes_done / 1e6:.1f} MB)"
@@ -515,6 +539,8 @@ def serve(svc: service.Service) -> None:
     rx.recover()
     client.start()
     svc.status_fn = rx.summary
+    # Beside iot-transfer-send, from the same [transfer] section: the port + 1.
+    endpoint = metrics.serve(svc.log, cfg.metrics, "[transfer] metrics", rx.families, index=1)
     svc.ready(f"spool {spool}; broker {client.host}:{client.port}")
     snap_at, last_status, last_snap = 0.0, "", {}
     try:
@@ -535,6 +561,8 @@ def serve(svc: service.Service) -> None:
                     svc.set_status(status)
                     last_status = status
     finally:
+        if endpoint is not None:
+            endpoint.close()
         rx.close()
         client.stop()
 

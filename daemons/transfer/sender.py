@@ -37,8 +37,9 @@ from pathlib import Path
 
 import orjson
 
-from .. import service
+from .. import metrics, service
 from ..config import TransferConfig
+from ..metrics import Families
 from ..mqttclient import MqttClient
 from . import codec
 from . import protocol as P
@@ -111,7 +112,7 @@ class Sender:
         self.hashing: dict[Path, tuple[Future, str, tuple]] = {}
         self.active: dict[Path, tuple[Outgoing, tuple]] = {}  # path -> (transfer, file key)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="hash")
-        self.files_done = self.bytes_done = 0
+        self.files_done = self.bytes_done = self.files_failed = 0
         self.next_scan = time.monotonic() + RESCAN_INTERVAL
 
     # start -------------------------------------------------------------------------------------
@@ -306,6 +307,7 @@ class Sender:
                 to = str(unique_path(self.failed_dir, t.path.name))
                 self.journal.append({"ev": "failed", "id": fid, "t": round(now, 3), "to": to, "reason": t.reason})
                 self._dispose(t.path, key, to)
+                self.files_failed += 1
                 self.log.error("transfer failed; file moved to failed/", name=m.name, size=m.size, id=fid,
                                reason=t.reason)
             (self.home / f"{fid}.meta").unlink(missing_ok=True)
@@ -342,6 +344,22 @@ class Sender:
             "waiting": [p.name for p in self.waiting],
             "done": self.files_done,
         }
+
+    def families(self) -> Families:
+        """The counters as Prometheus metrics (daemons/metrics.py), read from the scrape's thread."""
+        e, out = self.engine, Families()
+        out.counter("iot_transfer_send_files", "Files sent and acknowledged by the receiver.", self.files_done)
+        out.counter("iot_transfer_send_file_bytes", "Bytes of the files sent and acknowledged.", self.bytes_done)
+        out.counter("iot_transfer_send_files_failed", "Files refused by the receiver, moved to failed/.",
+                    self.files_failed)
+        out.counter("iot_transfer_send_chunks", "Chunk messages published, first sends and resends.", e.chunks_sent)
+        out.counter("iot_transfer_send_chunk_bytes", "File bytes in those chunks.", e.chunk_bytes_sent)
+        out.counter("iot_transfer_send_chunks_resent", "Chunks sent again (lost, or asked for again).",
+                    e.chunks_resent)
+        out.gauge("iot_transfer_send_files_in_progress", "Files being sent now.", len(self.active))
+        out.gauge("iot_transfer_send_files_waiting", "Files in the outbox waiting their turn or being hashed.",
+                  len(self.waiting) + len(self.hashing))
+        return out
 
     def summary(self) -> str:
         busy = [t for t, _ in self.active.values()]
@@ -435,6 +453,7 @@ def serve(svc: service.Service) -> None:
     tx.scan()
     client.start()
     svc.status_fn = tx.summary
+    endpoint = metrics.serve(svc.log, cfg.metrics, "[transfer] metrics", tx.families)
     svc.ready(f"watching {tx.outbox}; broker {client.host}:{client.port}")
     snap_at, last_status, last_snap = 0.0, "", {}
     try:
@@ -465,6 +484,8 @@ def serve(svc: service.Service) -> None:
         # watchdog 7 logs an error when its reader thread wakes during stop(): harmless, hide it.
         logging.getLogger("watchdog.observers.inotify").setLevel(logging.CRITICAL)
         observer.stop()
+        if endpoint is not None:
+            endpoint.close()
         tx.close()
         client.stop()
 

@@ -25,11 +25,12 @@ import orjson
 import paho.mqtt.client as paho
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ... import service
+from ... import metrics, service
 from ...config import ConfigError
+from ...metrics import Families
 from ...mqttclient import MqttClient
 from ...service import Exit, Service
-from .. import as_role
+from .. import METRICS_OFFSET, as_role
 from .. import messages as M
 from . import auth
 from .board import Board
@@ -202,6 +203,17 @@ class Dashboard:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)  # the loop keeps only a weak reference
         task.add_done_callback(self._tasks.discard)
+
+    def families(self) -> Families:
+        """The counters as Prometheus metrics (daemons/metrics.py); run on the loop."""
+        out = Families()
+        out.gauge("iot_dashboard_pages", "Pages open (WebSocket connections).", len(self.pages))
+        out.gauge("iot_dashboard_devices_online", "Devices whose status is online.", self.board.online())
+        out.counter("iot_dashboard_commands", "Commands sent from the page.", self.commands)
+        out.counter("iot_dashboard_updates_left_out", "Updates left out for a page too slow to take them.",
+                    self.dropped)
+        out.gauge("iot_dashboard_broker_connected", "1 while connected to the broker.", self.mqtt.connected)
+        return out
 
     def summary(self) -> str:
         return (f"pages={len(self.pages)} devices_online={self.board.online()}/{len(self.board.devices)} "
@@ -405,11 +417,16 @@ async def serve(svc: Service) -> None:
     password = check_access(svc.config)
     dash = Dashboard(svc, password)
     await dash.start(fc.dashboard_host, fc.dashboard_port)
+    endpoint = None
     try:
         dash.mqtt.start()
         svc.status_fn = dash.summary
+        endpoint = metrics.serve(svc.log, fc.metrics, "[factory] metrics", dash.families,
+                                 index=METRICS_OFFSET["dashboard"], loop=asyncio.get_running_loop())
         svc.ready(f"http://{fc.dashboard_host}:{fc.dashboard_port}/ "
                   + ("with a password" if password else "(loopback, no password)"))
         await svc.stopped()
     finally:
+        if endpoint is not None:
+            endpoint.close()
         await dash.stop()
