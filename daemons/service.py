@@ -362,6 +362,20 @@ def _watchdog_interval() -> float:
         return 0.0
 
 
+def list_instances(prog: str, argv: Sequence[str], names: Callable[[configmod.Config], Sequence[str]]) -> int:
+    """`--list`: print the instance names the config asks for (iot-plc@NAME, iot-ingest@I), one
+    per line, for install.sh and people; the daemon itself does not start."""
+    p = argparse.ArgumentParser(prog=prog, add_help=False)
+    p.add_argument("-c", "--config")
+    known, _ = p.parse_known_args(argv)
+    try:
+        print("\n".join(names(configmod.load(known.config))))
+    except configmod.ConfigError as e:
+        print(f"{prog}: config error: {e}", file=sys.stderr)
+        return EX_CONFIG
+    return EX_OK
+
+
 def run(
     name: str,
     description: str,

@@ -53,7 +53,6 @@ from pathlib import Path
 
 import orjson
 
-from .. import config as configmod
 from .. import metrics, service
 from ..config import Config, ConfigError
 from ..durable import atomic_write
@@ -461,18 +460,8 @@ def add_arguments(p) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--list" in argv:  # for install.sh and people: the instances iot-ingest@I can take
-        import argparse  # noqa: PLC0415
-
-        p = argparse.ArgumentParser(prog=NAME, add_help=False)
-        p.add_argument("-c", "--config")
-        known, _ = p.parse_known_args(argv)
-        try:
-            print("\n".join(str(i) for i in range(1, configmod.load(known.config).ingest.workers + 1)))
-        except configmod.ConfigError as e:
-            print(f"{NAME}: config error: {e}", file=sys.stderr)
-            return service.EX_CONFIG
-        return service.EX_OK
+    if "--list" in argv:  # the instances iot-ingest@I can take
+        return service.list_instances(NAME, argv, lambda cfg: [str(i) for i in range(1, cfg.ingest.workers + 1)])
     return service.run(
         NAME,
         "Signed QoS 1 readings from MQTT into SQLite or MySQL/MariaDB, acknowledged only after "

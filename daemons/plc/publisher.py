@@ -22,14 +22,12 @@ database keeps one row per (device_id, seq).
 
 from __future__ import annotations
 
-import argparse
 import sqlite3
 import sys
 import threading
 import time
 from collections import deque
 
-from .. import config as configmod
 from .. import metrics, service
 from ..config import Config, PlcDeviceConfig
 from ..metrics import Families
@@ -248,16 +246,8 @@ def add_arguments(p) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--list" in argv:  # for install.sh and people: the names iot-plc@NAME can take
-        p = argparse.ArgumentParser(prog=NAME, add_help=False)
-        p.add_argument("-c", "--config")
-        known, _ = p.parse_known_args(argv)
-        try:
-            print("\n".join(d.name for d in configmod.load(known.config).plc.device))
-        except configmod.ConfigError as e:
-            print(f"{NAME}: config error: {e}", file=sys.stderr)
-            return service.EX_CONFIG
-        return service.EX_OK
+    if "--list" in argv:  # the names iot-plc@NAME can take
+        return service.list_instances(NAME, argv, lambda cfg: [d.name for d in cfg.plc.device])
     return service.run(
         NAME,
         "A PLC's readings to MQTT at QoS 1 (seed 002): every interval it reads the PLC (simulated, or Modbus "
