@@ -328,3 +328,81 @@ def test_receive_maximum_exceeded_disconnects_0x93():
     got = pub.packets()
     assert got[:2] == [p5.PubrecV5(1, R.NO_MATCHING_SUBSCRIBERS), p5.PubrecV5(2, R.NO_MATCHING_SUBSCRIBERS)]
     assert got[2].reason_code == R.RECEIVE_MAXIMUM_EXCEEDED and pub.closed
+
+
+def test_store_keeps_v5_session_expiry_options_and_message_properties_across_a_restart(tmp_path):
+    import asyncio
+
+    from daemons.broker.store import Store
+    from tests.unit.test_store import settle
+
+    loop = asyncio.new_event_loop()
+    try:
+        def open_broker():
+            store = Store(tmp_path / "store.db", Log("t"), loop, quota=1 << 30)
+            b = Broker(Log("t"), store=store)
+            b.restore(store.open(page=1000))
+            return b, store
+
+        b, store = open_broker()
+        s, _ = connect5(b, "s", session_expiry_interval=3600)
+        b.handle(s, p5.SubscribeV5(1, (Subscription("t", 1, retain_as_published=True),),
+                                   Properties(subscription_identifiers=(42,))))
+        settle(loop, store)
+        assert s.packets() == [p5.SubackV5(1, (R.GRANTED_QOS_1,))]
+        b.closed(s, graceful=False)
+        pub, _ = connect5(b, "pub")
+        props = Properties(message_expiry_interval=3600, content_type="a/b", user_properties=(("k", "v"),))
+        b.handle(pub, p5.PublishV5("t", b"kept", 1, packet_id=1, properties=props))
+        b.handle(pub, p5.PublishV5("r", b"ret", 0, retain=True, properties=props))
+        settle(loop, store)
+        store.close()
+
+        b, store = open_broker()
+        restored = b.sessions["s"]
+        assert restored.expiry == 3600 and restored.disconnected_at is not None
+        s, ack = connect5(b, "s", clean=False, session_expiry_interval=3600)
+        assert ack.session_present
+        [got] = s.packets()
+        assert got.payload == b"kept" and got.properties.subscription_identifiers == (42,)
+        assert got.properties.content_type == "a/b" and got.properties.user_properties == (("k", "v"),)
+        assert 0 < got.properties.message_expiry_interval <= 3600
+        b.handle(s, p5.SubscribeV5(2, (Subscription("r", 0),)))
+        settle(loop, store)
+        [ret] = [x for x in s.packets() if type(x) is p5.PublishV5]
+        assert ret.payload == b"ret" and ret.properties.content_type == "a/b"
+        store.close()
+    finally:
+        loop.close()
+
+
+def test_store_file_of_an_older_release_gets_the_v5_columns(tmp_path):
+    import asyncio
+    import sqlite3
+
+    from daemons.broker.store import Store
+
+    old = sqlite3.connect(tmp_path / "store.db")
+    old.executescript("""
+        CREATE TABLE sessions (sid INTEGER PRIMARY KEY, client_id TEXT NOT NULL UNIQUE, subscriptions TEXT NOT NULL,
+            disconnected_at REAL);
+        CREATE TABLE messages (seq INTEGER PRIMARY KEY, sid INTEGER NOT NULL, topic TEXT NOT NULL,
+            payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, pid INTEGER,
+            pubrel INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL);
+        INSERT INTO sessions VALUES (1, 'old', '{"t": 1}', 5.0);
+        INSERT INTO messages VALUES (1, 1, 't', X'6869', 1, 0, NULL, 0);
+        INSERT INTO retained VALUES ('r', X'6869', 0);
+    """)
+    old.commit()
+    old.close()
+    loop = asyncio.new_event_loop()
+    try:
+        store = Store(tmp_path / "store.db", Log("t"), loop, quota=1 << 30)
+        loaded = store.open(page=100)
+        [s] = loaded.sessions
+        assert (s.client_id, s.subscriptions, s.expiry, len(s.rows)) == ("old", {"t": 1}, None, 1)
+        assert loaded.retained == [("r", b"hi", 0, None, None)] and loaded.skipped == 0
+        store.close()
+    finally:
+        loop.close()
