@@ -96,7 +96,7 @@ from .packets import (
     encode,
 )
 from .packets5 import (
-    Auth, ConnectV5, DisconnectV5, Properties, PubackV5, PubcompV5, PublishV5, PubrecV5, PubrelV5, SubackV5,
+    Auth, ConnectV5, DisconnectV5, PubackV5, PubcompV5, PublishV5, PubrecV5, PubrelV5, SubackV5,
     SubscribeV5, UnsubackV5, UnsubscribeV5, WillV5, encode as encode_v5,
 )
 from .retained import RetainedStore

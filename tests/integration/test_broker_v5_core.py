@@ -15,7 +15,7 @@ from tests import mqttraw as raw
 from tests.support import Proc, wait_for
 
 SESSION_EXPIRY, SUB_ID, MESSAGE_EXPIRY, TOPIC_ALIAS, TOPIC_ALIAS_MAX = 0x11, 0x0B, 0x02, 0x23, 0x22
-MAX_PACKET, RECEIVE_MAX, ASSIGNED_ID, REASON_STRING = 0x27, 0x21, 0x12, 0x1F
+MAX_PACKET, RECEIVE_MAX, ASSIGNED_ID = 0x27, 0x21, 0x12
 
 
 def connect5(port: int, cid: str, clean: bool = True, keepalive: int = 60, **props) -> raw.RawClient:
