@@ -71,8 +71,6 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from dataclasses import replace
-
 from ..service import Log
 from . import v5
 from .packets import (
@@ -96,8 +94,8 @@ from .packets import (
     encode,
 )
 from .packets5 import (
-    Auth, ConnectV5, DisconnectV5, PubackV5, PubcompV5, PublishV5, PubrecV5, PubrelV5, SubackV5,
-    SubscribeV5, UnsubackV5, UnsubscribeV5, WillV5, encode as encode_v5,
+    Auth, ConnectV5, DisconnectV5, PubackV5, PubcompV5, PublishV5, PubrecV5, PubrelV5, SubscribeV5, UnsubscribeV5,
+    WillV5,
 )
 from .retained import RetainedStore
 from . import shared
@@ -198,7 +196,7 @@ class NoStore:
         pass
 
 
-class Broker:
+class Broker(v5.Handlers):
     def __init__(self, log: Log, limits: Limits = Limits(), clock=time.monotonic, store=None,
                  access: Access | None = None):
         self.log = log
@@ -329,18 +327,6 @@ class Broker:
             self._gather(session)
         return True
 
-    def _connack_v5(self, conn, pkt: ConnectV5, present: bool, assigned: str | None, window: int) -> bytes:
-        """The accepting CONNACK: what this server does not do as a client assumes (section 3.2.2.3)."""
-        lim = self.limits
-        props = dict(receive_maximum=window, topic_alias_maximum=lim.max_topic_alias or None,
-                     assigned_client_identifier=assigned, retain_available=1, wildcard_subscription_available=1,
-                     subscription_identifier_available=1, shared_subscription_available=1)
-        if lim.max_packet_size:
-            props["maximum_packet_size"] = lim.max_packet_size
-        if lim.max_keepalive and not 0 < pkt.keep_alive <= lim.max_keepalive:
-            conn.keepalive = props["server_keep_alive"] = lim.max_keepalive  # [MQTT-3.1.2-21]
-        return v5.connack(present, **props)
-
     def _refuse(self, conn, code, text: str) -> bool:
         """A refusing CONNACK in the client's protocol: `code` a 3.1.1 one or a 5.0 reason code."""
         if conn.v5 is None:
@@ -348,12 +334,6 @@ class Broker:
         else:
             conn.send(v5.connack(False, v5.CONNACK_REASON.get(code, code), text))
         return False
-
-    def _protocol_error(self, conn, code: ReasonCode, text: str) -> None:
-        """A v5 client broke a rule the core checks: DISCONNECT with the reason, then close."""
-        self.log.info("protocol error; closing connection", client=conn.session.client_id, error=text,
-                      reason=f"{int(code):#04x}")
-        v5.disconnect(conn, code, text)
 
     def closed(self, conn, graceful: bool) -> None:
         """The connection is gone. Publishes the will unless the client said DISCONNECT."""
@@ -403,16 +383,6 @@ class Broker:
         self._end_connection(conn, graceful=True)
         conn.close()
 
-    def _disconnect_v5(self, conn, pkt: DisconnectV5) -> None:
-        session: Session = conn.session
-        expiry = pkt.properties.session_expiry_interval
-        if expiry is not None:  # from 0 to more was refused by the reader (section 3.14.2.2.2)
-            session.expiry, session.clean = expiry, expiry == 0
-        if pkt.reason_code == ReasonCode.NORMAL_DISCONNECTION:
-            conn.will = None  # any other reason, 0x04 among them, publishes it [MQTT-3.1.2-10]
-        self._end_connection(conn, graceful=conn.will is None)
-        conn.close()
-
     # packets ---------------------------------------------------------------------------------
 
     def handle(self, conn, pkt) -> bool:
@@ -422,23 +392,6 @@ class Broker:
             return False
         self.stats.messages_received += 1
         return True
-
-    def _publish_v5(self, conn, pkt: PublishV5) -> bool:
-        client: v5.Client = conn.v5
-        topic = client.topic_for(pkt.properties.topic_alias, pkt.topic)
-        if topic is None:
-            self._protocol_error(conn, ReasonCode.TOPIC_ALIAS_INVALID,
-                                 f"Topic Alias {pkt.properties.topic_alias} is unknown or above {client.our_alias_max}")
-            return True
-        if topic is not pkt.topic:
-            pkt = replace(pkt, topic=topic)
-        session: Session = conn.session
-        if (pkt.qos == 2 and pkt.packet_id not in session.incoming_qos2
-                and len(session.incoming_qos2) >= self.limits.inflight_for(session.client_id)):
-            self._protocol_error(conn, ReasonCode.RECEIVE_MAXIMUM_EXCEEDED, "more QoS 2 PUBLISH unacknowledged "
-                                 "than the Receive Maximum we gave")  # [MQTT-3.3.4-8]
-            return True
-        return self._publish(conn, pkt, client)
 
     def _publish(self, conn, pkt: Publish | PublishV5, client: v5.Client | None = None) -> bool:
         if self._too_deep(pkt.topic):
@@ -508,15 +461,6 @@ class Broker:
         session.puback(pkt.packet_id)
         if session.waiters:
             self._wake(session)
-
-    def _pubrec_v5(self, conn, pkt: PubrecV5) -> None:
-        session: Session = conn.session
-        if pkt.reason_code >= 0x80:  # the client refused it: the exchange ends (section 4.3.3)
-            session.pubrec_refused(pkt.packet_id)
-            if session.waiters:
-                self._wake(session)
-        else:
-            session.pubrec(pkt.packet_id)
 
     def _pubcomp(self, conn, pkt: Pubcomp) -> None:
         session: Session = conn.session
@@ -622,33 +566,6 @@ class Broker:
         self.store.ack(conn, encode(Suback(pkt.packet_id, tuple(codes))), session.sid is not None)
         self._send_retained(session, accepted)
 
-    def _subscribe_v5(self, conn, pkt: SubscribeV5) -> None:
-        session: Session = conn.session
-        ids = pkt.properties.subscription_identifiers
-        ident = ids[0] if ids else None
-        codes = []
-        accepted = []
-        for sub in pkt.topics:
-            f = sub.topic_filter
-            refused, share = self._check_filter(session, f)
-            if refused is not None:
-                codes.append(refused)
-                continue
-            new = f not in session.subscriptions
-            self._add_subscription(session, f, sub.qos, share)
-            # A SUBSCRIBE to a filter it has replaces that subscription, options and all [MQTT-3.8.4-3].
-            if sub.no_local or sub.retain_as_published or ident is not None:
-                session.options[f] = v5.SubOptions(sub.no_local, sub.retain_as_published, ident)
-            else:
-                session.options.pop(f, None)
-            codes.append(ReasonCode(sub.qos))
-            # Retain Handling: 0 send retained messages, 1 only for a new subscription, 2 none.
-            if share is None and (sub.retain_handling == 0 or (sub.retain_handling == 1 and new)):
-                accepted.append((f, sub.qos))
-        self._save_subscriptions(session)
-        self.store.ack(conn, encode_v5(SubackV5(pkt.packet_id, tuple(codes))), session.sid is not None)
-        self._send_retained(session, accepted)
-
     def _send_retained(self, session: Session, accepted: list[tuple[str, int]]) -> None:
         """Retained messages follow the SUBACK, with the retain flag set [MQTT-3.3.1-6, -8]."""
         acl = self.access.acl
@@ -665,19 +582,6 @@ class Broker:
                 msg = Message(r.topic, r.payload, r.qos, True)
                 msg.props, msg.expires = r.props, r.expires
                 session.deliver(msg, min(r.qos, granted), retain=True)
-
-    def _unsubscribe_v5(self, conn, pkt: UnsubscribeV5) -> None:
-        session: Session = conn.session
-        codes = []
-        for topic_filter in pkt.topics:
-            if session.subscriptions.pop(topic_filter, None) is not None:
-                self._remove_subscription(session, topic_filter)
-                session.options.pop(topic_filter, None)
-                codes.append(ReasonCode.SUCCESS)
-            else:
-                codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
-        self._save_subscriptions(session)
-        self.store.ack(conn, encode_v5(UnsubackV5(pkt.packet_id, tuple(codes))), session.sid is not None)
 
     def _unsubscribe(self, conn, pkt: Unsubscribe) -> None:
         session: Session = conn.session

@@ -16,6 +16,9 @@ remaining expiry, a Topic Alias and the Subscription Identifiers of its matching
 subscriptions; they are a few bytes put in front of the shared ones. A v3 subscriber gets the
 message without properties, a v3 publisher's message reaches v5 subscribers with none.
 
+`Handlers` holds the core's handlers of the 5.0 packets that differ from their 3.1.1 twins
+(core.Broker inherits them); each ends in the routing the core shares between versions.
+
 Outgoing topic aliases follow the plainest policy: a topic gets the next free alias while the
 client's Topic Alias Maximum allows, and keeps it for the connection; past it, topics go out
 in full. A packet larger than the client's Maximum Packet Size is not sent: `publish` returns
@@ -24,11 +27,12 @@ None and the session treats that message as delivered to this client [MQTT-3.1.2
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .packets import ConnackCode, ReasonCode, _varint
 from .packets5 import (
-    NO_PROPERTIES, ConnackV5, DisconnectV5, Properties, encode, encode_properties, encode_publish_v5,
+    NO_PROPERTIES, ConnackV5, ConnectV5, DisconnectV5, Properties, PublishV5, PubrecV5, SubackV5, SubscribeV5,
+    UnsubackV5, UnsubscribeV5, encode, encode_properties, encode_publish_v5,
 )
 from .topics import matches
 
@@ -186,3 +190,102 @@ def ack(first: int, pid: int, code: int, client: Client, text: str | None = None
         body = pid.to_bytes(2, "big") + bytes((code,)) + raw
         return bytes((first,)) + _varint(len(body)) + body
     return bytes((first, 3)) + pid.to_bytes(2, "big") + bytes((code,))
+
+
+class Handlers:
+    """The 5.0 side of core.Broker (see there): it uses the broker's limits, store, stats and
+    shared helpers (`_publish`, `_end_connection`, `_check_filter`, ...)."""
+
+    def _connack_v5(self, conn, pkt: ConnectV5, present: bool, assigned: str | None, window: int) -> bytes:
+        """The accepting CONNACK: what this server does not do as a client assumes (section 3.2.2.3)."""
+        lim = self.limits
+        props = dict(receive_maximum=window, topic_alias_maximum=lim.max_topic_alias or None,
+                     assigned_client_identifier=assigned, retain_available=1, wildcard_subscription_available=1,
+                     subscription_identifier_available=1, shared_subscription_available=1)
+        if lim.max_packet_size:
+            props["maximum_packet_size"] = lim.max_packet_size
+        if lim.max_keepalive and not 0 < pkt.keep_alive <= lim.max_keepalive:
+            conn.keepalive = props["server_keep_alive"] = lim.max_keepalive  # [MQTT-3.1.2-21]
+        return connack(present, **props)
+
+    def _protocol_error(self, conn, code: ReasonCode, text: str) -> None:
+        """A v5 client broke a rule the core checks: DISCONNECT with the reason, then close."""
+        self.log.info("protocol error; closing connection", client=conn.session.client_id, error=text,
+                      reason=f"{int(code):#04x}")
+        disconnect(conn, code, text)
+
+    def _disconnect_v5(self, conn, pkt: DisconnectV5) -> None:
+        session = conn.session
+        expiry = pkt.properties.session_expiry_interval
+        if expiry is not None:  # from 0 to more was refused by the reader (section 3.14.2.2.2)
+            session.expiry, session.clean = expiry, expiry == 0
+        if pkt.reason_code == R.NORMAL_DISCONNECTION:
+            conn.will = None  # any other reason, 0x04 among them, publishes it [MQTT-3.1.2-10]
+        self._end_connection(conn, graceful=conn.will is None)
+        conn.close()
+
+    def _publish_v5(self, conn, pkt: PublishV5) -> bool:
+        client: Client = conn.v5
+        topic = client.topic_for(pkt.properties.topic_alias, pkt.topic)
+        if topic is None:
+            self._protocol_error(conn, R.TOPIC_ALIAS_INVALID,
+                                 f"Topic Alias {pkt.properties.topic_alias} is unknown or above {client.our_alias_max}")
+            return True
+        if topic is not pkt.topic:
+            pkt = replace(pkt, topic=topic)
+        session = conn.session
+        if (pkt.qos == 2 and pkt.packet_id not in session.incoming_qos2
+                and len(session.incoming_qos2) >= self.limits.inflight_for(session.client_id)):
+            self._protocol_error(conn, R.RECEIVE_MAXIMUM_EXCEEDED, "more QoS 2 PUBLISH unacknowledged "
+                                 "than the Receive Maximum we gave")  # [MQTT-3.3.4-8]
+            return True
+        return self._publish(conn, pkt, client)
+
+    def _pubrec_v5(self, conn, pkt: PubrecV5) -> None:
+        session = conn.session
+        if pkt.reason_code >= 0x80:  # the client refused it: the exchange ends (section 4.3.3)
+            session.pubrec_refused(pkt.packet_id)
+            if session.waiters:
+                self._wake(session)
+        else:
+            session.pubrec(pkt.packet_id)
+
+    def _subscribe_v5(self, conn, pkt: SubscribeV5) -> None:
+        session = conn.session
+        ids = pkt.properties.subscription_identifiers
+        ident = ids[0] if ids else None
+        codes = []
+        accepted = []
+        for sub in pkt.topics:
+            f = sub.topic_filter
+            refused, share = self._check_filter(session, f)
+            if refused is not None:
+                codes.append(refused)
+                continue
+            new = f not in session.subscriptions
+            self._add_subscription(session, f, sub.qos, share)
+            # A SUBSCRIBE to a filter it has replaces that subscription, options and all [MQTT-3.8.4-3].
+            if sub.no_local or sub.retain_as_published or ident is not None:
+                session.options[f] = SubOptions(sub.no_local, sub.retain_as_published, ident)
+            else:
+                session.options.pop(f, None)
+            codes.append(ReasonCode(sub.qos))
+            # Retain Handling: 0 send retained messages, 1 only for a new subscription, 2 none.
+            if share is None and (sub.retain_handling == 0 or (sub.retain_handling == 1 and new)):
+                accepted.append((f, sub.qos))
+        self._save_subscriptions(session)
+        self.store.ack(conn, encode(SubackV5(pkt.packet_id, tuple(codes))), session.sid is not None)
+        self._send_retained(session, accepted)
+
+    def _unsubscribe_v5(self, conn, pkt: UnsubscribeV5) -> None:
+        session = conn.session
+        codes = []
+        for topic_filter in pkt.topics:
+            if session.subscriptions.pop(topic_filter, None) is not None:
+                self._remove_subscription(session, topic_filter)
+                session.options.pop(topic_filter, None)
+                codes.append(R.SUCCESS)
+            else:
+                codes.append(R.NO_SUBSCRIPTION_EXISTED)
+        self._save_subscriptions(session)
+        self.store.ack(conn, encode(UnsubackV5(pkt.packet_id, tuple(codes))), session.sid is not None)
