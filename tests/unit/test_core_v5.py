@@ -406,3 +406,41 @@ def test_store_file_of_an_older_release_gets_the_v5_columns(tmp_path):
         store.close()
     finally:
         loop.close()
+
+
+def login5(b: Broker, cid: str, user: str | None = None, password: bytes | None = None) -> tuple[Link5, p5.ConnackV5]:
+    link = Link5()
+    b.connect(link, p5.ConnectV5(cid, username=user, password=password))
+    connack, *link.backlog = link.packets()
+    return link, connack
+
+
+def test_acl_and_passwords_answer_v5_clients_with_reason_codes():
+    from daemons.broker.core import Access
+    from tests.unit.test_core_access import ACL, PASSWORDS
+
+    b = Broker(Log("t"), access=Access(passwords=PASSWORDS, acl=ACL, allow_anonymous=False))
+    assert login5(b, "x", "alice", b"wrong")[1].reason_code == R.BAD_USER_NAME_OR_PASSWORD
+    assert login5(b, "y")[1].reason_code == R.NOT_AUTHORIZED
+    bob, ack = login5(b, "bob-1", "bob", b"builder")
+    assert ack.reason_code == R.SUCCESS
+    assert sub5(b, bob, Subscription("public/a", 1), Subscription("secret", 1)).reason_codes == (
+        R.GRANTED_QOS_1, R.NOT_AUTHORIZED)
+    b.handle(bob, p5.PublishV5("public/a", b"x", 1, packet_id=3))  # bob may read there, not write
+    [ack] = bob.packets()
+    assert ack.reason_code == R.NOT_AUTHORIZED
+    assert b.sys_topics()["$SYS/broker/access/publish/denied"] == "1"
+
+
+def test_shared_subscription_in_its_v5_form_shares_with_a_v3_member():
+    b = Broker(Log("t"))
+    m1, _ = connect5(b, "m1")
+    m2, _ = connect3(b, "m2")
+    assert sub5(b, m1, Subscription("$share/g/jobs/#", 1)).reason_codes == (R.GRANTED_QOS_1,)
+    b.handle(m2, p.Subscribe(1, (("$share/g/jobs/#", 1),)))
+    m2.packets()
+    pub, _ = connect5(b, "pub")
+    for i in range(4):
+        b.handle(pub, p5.PublishV5("jobs/x", b"%d" % i, 1, packet_id=i + 1))
+    got1, got2 = [m.payload for m in m1.packets()], [m.payload for m in m2.packets()]
+    assert sorted(got1 + got2) == [b"0", b"1", b"2", b"3"] and got1 and got2, "each message to one member"
