@@ -345,6 +345,12 @@ class BrokerConfig:
     # A persistent session whose client has been away this long is removed: "<n>h|d|w|m|y"
     # (m = 30 days), "" or "0" = never (Mosquitto's key and format), and "<n>s" (ours).
     persistent_client_expiration: str = field(default="30d", metadata={"check": expiration_seconds})
+    # MQTT 5.0: topic aliases a client may use in what it publishes (our Topic Alias Maximum;
+    # Mosquitto's max_topic_alias), 0 = none.
+    max_topic_alias: int = field(default=10, metadata=_range(0, 65535))
+    # MQTT 5.0: a client asking for a longer keep alive, or none, is given this one in the
+    # CONNACK (Server Keep Alive; Mosquitto's max_keepalive); 0 = the client's own applies.
+    max_keepalive: int = field(default=0, metadata=_range(0, 65535))
     # Largest remaining length accepted before CONNECT has been accepted (then max_packet_size).
     max_connect_size: int = field(default=128 * 1024, metadata=_range(64, 268_435_455))
     # New connections per second from one IP address, with bursts of 5x; 0 = no limit.

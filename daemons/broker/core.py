@@ -52,6 +52,16 @@ only then does flow control begin.
 Shared subscriptions (`$share/GROUP/FILTER`, shared.py): a group is one subscriber in the
 tree; routing resolves it to one member per message (`_routes`), and a member that leaves
 hands what it has not acknowledged through that group to another (`_hand_over`).
+
+MQTT 5.0 (v5.py): a v5 connection has its `v5.Client` in `conn.v5` (None for 3.1.1/3.1) and
+sends the 5.0 packet classes, each with a handler here beside its 3.1.1 twin; both end in the
+same routing. A v5 session's Session Expiry Interval stands for clean session: 0 ends it with
+its connection (`Session.clean`), otherwise it outlives the connection that long
+(`Session.expiry`, checked by `expire_sessions`; never = persistent_client_expiration, as for
+3.1.1). A will with a Will Delay Interval waits in `wills` until it is due, the session ends,
+or the client comes back [MQTT-3.1.3-9]. Subscription options other than the QoS live in
+`Session.options`, only for the subscriptions that set one, so a session without any costs
+routing nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +72,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..service import Log
+from . import v5
 from .packets import (
     Connack,
     ConnackCode,
@@ -78,8 +89,13 @@ from .packets import (
     Subscribe,
     Unsuback,
     Unsubscribe,
+    ReasonCode,
     Will,
     encode,
+)
+from .packets5 import (
+    Auth, ConnectV5, DisconnectV5, PubackV5, PubcompV5, PublishV5, PubrecV5, PubrelV5, SubscribeV5, UnsubscribeV5,
+    WillV5,
 )
 from .retained import RetainedStore
 from . import shared
@@ -124,6 +140,10 @@ class Stats:
     publish_denied: int = 0
     subscribe_denied: int = 0
     share_refused: int = 0  # $share/... filters that are not $share/GROUP/FILTER
+    # MQTT 5.0: queued messages whose Message Expiry Interval passed before they could go out,
+    # and messages not sent to a client because they exceed its Maximum Packet Size.
+    messages_expired: int = 0
+    too_large_dropped: int = 0
 
 
 @dataclass(slots=True)
@@ -150,6 +170,9 @@ class Limits:
     session_expiry: float = 30 * 86400.0  # seconds a persistent session outlives its client; 0 = for ever
     max_queued_bytes: int = 0  # 0: no bound by bytes
     inflight_per_client: tuple[tuple[str, int], ...] = ()  # (fnmatch pattern, window)
+    max_topic_alias: int = 10  # Topic Alias Maximum we give v5 clients
+    max_packet_size: int = 0  # the largest packet we take (v5 CONNACK Maximum Packet Size); 0: not said
+    max_keepalive: int = 0  # v5 clients asking for more (or none) get this Server Keep Alive; 0: no limit
 
     def inflight_for(self, client_id: str) -> int:
         for pattern, window in self.inflight_per_client:
@@ -169,11 +192,11 @@ class NoStore:
     def mark(self) -> int:
         return 0
 
-    def retain(self, topic: str, payload: bytes, qos: int) -> None:
+    def retain(self, topic: str, payload: bytes, qos: int, props: bytes = b"", expires: float | None = None) -> None:
         pass
 
 
-class Broker:
+class Broker(v5.Handlers):
     def __init__(self, log: Log, limits: Limits = Limits(), clock=time.monotonic, store=None,
                  access: Access | None = None):
         self.log = log
@@ -195,6 +218,8 @@ class Broker:
         self._auto_id = itertools.count(1)
         self._limit_lines: dict[str, int] = {}  # limit_hit() calls per log message
         self.bridges: list = []  # bridge.Bridge, set by the server: in $SYS and the summary
+        # Wills waiting for their Will Delay Interval: client id -> (due, session, will).
+        self.wills: dict[str, tuple[float, Session, WillV5]] = {}
         self._handlers = {
             Publish: self._publish,
             Puback: self._puback,
@@ -205,51 +230,83 @@ class Broker:
             Unsubscribe: self._unsubscribe,
             Pingreq: lambda conn, p: conn.send(PINGRESP),
             Disconnect: self._disconnect,
+            PublishV5: self._publish_v5,
+            PubackV5: self._puback,
+            PubrecV5: self._pubrec_v5,
+            PubrelV5: self._pubrel,
+            PubcompV5: self._pubcomp,
+            SubscribeV5: self._subscribe_v5,
+            UnsubscribeV5: self._unsubscribe_v5,
+            DisconnectV5: self._disconnect_v5,
+            # Only reaches us after a CONNECT with an Authentication Method, which is refused.
+            Auth: lambda conn, p: self._protocol_error(conn, ReasonCode.PROTOCOL_ERROR, "AUTH is not supported"),
         }
 
     # connect / close -------------------------------------------------------------------------
 
-    def connect(self, conn, pkt: Connect) -> bool:
+    def connect(self, conn, pkt: Connect | ConnectV5) -> bool:
         """Answer CONNECT. Returns False when refused (the CONNACK says why; caller closes)."""
+        client = conn.v5 = None
+        if type(pkt) is ConnectV5:
+            client = conn.v5 = v5.Client(pkt.properties, self.limits.max_topic_alias, self.clock)
+            if pkt.properties.authentication_method is not None:  # we support no method (section 4.12)
+                return self._refuse(conn, ReasonCode.BAD_AUTHENTICATION_METHOD,
+                                    f"authentication method {pkt.properties.authentication_method!r} is not supported")
+            clean_start, expiry = pkt.clean_start, pkt.properties.session_expiry_interval or 0
+            ends = expiry == 0  # Session Expiry Interval 0: the session ends with the connection
+        else:
+            clean_start, expiry, ends = pkt.clean_session, None, pkt.clean_session
         if pkt.will is not None and self._too_deep(pkt.will.topic):
             self.limit_hit("topic_levels_refused", "will topic has too many levels; closing connection",
                            client=pkt.client_id, levels=pkt.will.topic.count("/") + 1,
                            max_topic_levels=self.limits.max_topic_levels)
-            return False  # a protocol matter, not one a CONNACK code names: closed without one
+            if client is not None:
+                return self._refuse(conn, ReasonCode.TOPIC_NAME_INVALID, "will topic has too many levels")
+            return False  # a protocol matter, not one a 3.1.1 CONNACK code names: closed without one
         client_id = pkt.client_id
-        if client_id.startswith(BRIDGE_PREFIX):
-            conn.send(encode(Connack(False, ConnackCode.IDENTIFIER_REJECTED)))  # our bridges' own sessions
-            return False
+        if client_id.startswith(BRIDGE_PREFIX):  # our bridges' own sessions
+            return self._refuse(conn, ConnackCode.IDENTIFIER_REJECTED, "client id prefix $bridge/ is reserved")
+        assigned = False
         if not client_id:
-            # A server-assigned id only makes sense for a session that ends with the connection.
-            if not pkt.clean_session or not self.limits.allow_zero_length_clientid:
-                conn.send(encode(Connack(False, ConnackCode.IDENTIFIER_REJECTED)))  # [MQTT-3.1.3-8]
-                return False
+            # A 3.1.1 server-assigned id only makes sense for a session that ends with the
+            # connection; a v5 client learns its id from the CONNACK [MQTT-3.2.2-16].
+            if (not ends and client is None) or not self.limits.allow_zero_length_clientid:
+                return self._refuse(conn, ConnackCode.IDENTIFIER_REJECTED, "empty client id")  # [MQTT-3.1.3-8]
             client_id = f"auto-{next(self._auto_id)}-{id(conn):x}"  # [MQTT-3.1.3-6]
+            assigned = True
         code, username = self._login(conn, pkt, client_id)
         if code is not None:
-            conn.send(encode(Connack(False, code)))
-            return False
+            return self._refuse(conn, code, "not authorized" if code == ConnackCode.NOT_AUTHORIZED
+                                else "bad user name or password")
 
         session = self.sessions.get(client_id)
         if session is not None and session.conn is not None:
             old = session.conn
             self.log.info("session taken over", client=client_id)
+            if old.v5 is not None:
+                old.send(v5.disconnect_bytes(ReasonCode.SESSION_TAKEN_OVER, "another connection took the session over"))
             self._end_connection(old, graceful=False)  # publishes the old connection's will
             old.close()
             session = self.sessions.get(client_id)  # a clean session ended with its connection
-        if session is not None and pkt.clean_session:
+        delayed = self.wills.pop(client_id, None)  # back before its will was due [MQTT-3.1.3-9]
+        if session is not None and clean_start:
             self._drop_session(session)
             session = None
+            if delayed is not None:  # its session ends here: the will goes now
+                self._will(delayed[1], delayed[2])
         present = session is not None
         if session is None:
-            session = self._new_session(client_id, pkt.clean_session)
-            if self.persist and not pkt.clean_session:
+            session = self._new_session(client_id, ends)
+            if self.persist and not ends:
                 session.store = self.store
                 session.sid = self.store.new_session()
-        session.clean = pkt.clean_session
+        session.clean = ends
+        session.expiry = expiry
         session.username = username
-        session.no_local = pkt.bridge
+        session.no_local = getattr(pkt, "bridge", False)
+        window = self.limits.inflight_for(client_id)
+        # The client's Receive Maximum bounds our window to it [MQTT-3.3.4-9].
+        session.max_inflight = window if client is None else min(window, client.receive_maximum)
         session.attach(conn)
         if session.sid is not None:
             self.store.save_session(session)
@@ -259,13 +316,24 @@ class Broker:
         self.connected += 1
         self.stats.connections_total += 1
         self.stats.clients_maximum = max(self.stats.clients_maximum, self.connected)
-        # MQTT 3.1 has no session present flag: that byte is reserved there and must stay 0.
-        conn.send(encode(Connack(present and pkt.protocol_level >= 4, ConnackCode.ACCEPTED)))
+        if client is None:
+            # MQTT 3.1 has no session present flag: that byte is reserved there and must stay 0.
+            conn.send(encode(Connack(present and pkt.protocol_level >= 4, ConnackCode.ACCEPTED)))
+        else:
+            conn.send(self._connack_v5(conn, pkt, present, client_id if assigned else None, window))
         if present:
             session.resume()
         if self.groups:
             self._gather(session)
         return True
+
+    def _refuse(self, conn, code, text: str) -> bool:
+        """A refusing CONNACK in the client's protocol: `code` a 3.1.1 one or a 5.0 reason code."""
+        if conn.v5 is None:
+            conn.send(encode(Connack(False, code)))
+        else:
+            conn.send(v5.connack(False, v5.CONNACK_REASON.get(code, code), text))
+        return False
 
     def closed(self, conn, graceful: bool) -> None:
         """The connection is gone. Publishes the will unless the client said DISCONNECT."""
@@ -286,13 +354,24 @@ class Broker:
         if session.clean:
             self._drop_session(session)
         if will is not None and not graceful:
-            if self._may_publish(session, will.topic, "will"):
-                self.publish(Message(will.topic, will.payload, will.qos, will.retain))
+            delay = will.properties.will_delay_interval if type(will) is WillV5 else None
+            if delay and not session.clean:
+                self.wills[session.client_id] = (self.clock() + delay, session, will)
+            else:
+                self._will(session, will)
+
+    def _will(self, session: Session, will: Will | WillV5) -> None:
+        if self._may_publish(session, will.topic, "will"):
+            msg = Message(will.topic, will.payload, will.qos, will.retain)
+            if type(will) is WillV5:
+                v5.carry(msg, will.properties, self.clock())
+            self.publish(msg)
 
     def _drop_session(self, session: Session) -> None:
         for f in session.subscriptions:
             self._remove_subscription(session, f)
         session.subscriptions.clear()
+        session.options.clear()
         if session.sid is not None:
             self.store.drop_session(session.sid, session.stored_bytes)
             session.store = session.sid = None
@@ -314,12 +393,12 @@ class Broker:
         self.stats.messages_received += 1
         return True
 
-    def _publish(self, conn, pkt: Publish) -> bool:
+    def _publish(self, conn, pkt: Publish | PublishV5, client: v5.Client | None = None) -> bool:
         if self._too_deep(pkt.topic):
             self.limit_hit("topic_levels_refused", "topic has too many levels; closing connection",
                            client=conn.session.client_id, levels=pkt.topic.count("/") + 1,
                            max_topic_levels=self.limits.max_topic_levels)
-            conn.close()
+            v5.disconnect(conn, ReasonCode.TOPIC_NAME_INVALID, "topic has too many levels")
             return True
         qos = pkt.qos
         session: Session = conn.session
@@ -336,16 +415,24 @@ class Broker:
         self.stats.publish_received_qos[qos] += 1
         store = self.store
         mark = store.mark()
-        if qos == 2:
+        if qos == 2 and (routed or client is None):  # a v5 refusal (0x87) ends the exchange
             session.incoming_qos2.add(pkt.packet_id)
             if session.sid is not None:
                 store.qos2_in(session.sid, pkt.packet_id, True)
         if routed:
-            self.publish(Message(pkt.topic, pkt.payload, qos, pkt.retain), routes)
+            msg = Message(pkt.topic, pkt.payload, qos, pkt.retain)
+            if client is not None:
+                v5.carry(msg, pkt.properties, self.clock())
+            self.publish(msg, routes, session)
         if qos:
+            if client is None:
+                data = (b"\x40\x02" if qos == 1 else b"\x50\x02") + pkt.packet_id.to_bytes(2, "big")
+            else:
+                code = (0 if routes else ReasonCode.NO_MATCHING_SUBSCRIBERS) if routed else ReasonCode.NOT_AUTHORIZED
+                data = v5.ack(0x40 if qos == 1 else 0x50, pkt.packet_id, code, client,
+                              None if routed else "not authorized to publish to this topic")
             # Acknowledged once what it wrote to the store is on disk [store.py].
-            store.ack(conn, (b"\x40\x02" if qos == 1 else b"\x50\x02") + pkt.packet_id.to_bytes(2, "big"),
-                      store.mark() != mark)
+            store.ack(conn, data, store.mark() != mark)
         return True
 
     def _room(self, conn, routes: list) -> bool:
@@ -394,17 +481,22 @@ class Broker:
 
     def _pubrel(self, conn, pkt: Pubrel) -> None:
         session: Session = conn.session
-        durable = pkt.packet_id in session.incoming_qos2 and session.sid is not None
+        known = pkt.packet_id in session.incoming_qos2
+        durable = known and session.sid is not None
         session.incoming_qos2.discard(pkt.packet_id)
         if durable:
             # Not forgotten on disk before PUBCOMP: a restart could take a new PUBLISH reusing
             # the id for a retransmission and not route it.
             self.store.qos2_in(session.sid, pkt.packet_id, False)
-        self.store.ack(conn, b"\x70\x02" + pkt.packet_id.to_bytes(2, "big"), durable)  # even for an unknown id
+        if known or type(pkt) is Pubrel:
+            data = b"\x70\x02" + pkt.packet_id.to_bytes(2, "big")  # 3.1.1: even for an unknown id
+        else:
+            data = v5.ack(0x70, pkt.packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND, conn.v5)
+        self.store.ack(conn, data, durable)
 
-    def publish(self, msg: Message, routes: list | None = None) -> None:
+    def publish(self, msg: Message, routes: list | None = None, origin: Session | None = None) -> None:
         """Store if retained, then deliver to every matching session once (and to one member
-        of each matching group)."""
+        of each matching group). `origin`: the publisher's session, for No Local."""
         if msg.retain:
             self._retain(msg)
         sent = dropped = 0
@@ -413,7 +505,13 @@ class Broker:
             routes = self._routes(msg.topic, msg.qos)
         for session, q, group in routes:
             # A bridge gets the retain flag as published (Mosquitto's bridges keep it).
-            if session is not None and session.deliver(msg, q, msg.retain and session.no_local, group=group):
+            retain = msg.retain and session is not None and session.no_local
+            if session is not None and session.options:
+                as_published = v5.route(session, msg.topic, session is origin)
+                if as_published is None:
+                    continue  # No Local: its own message, matching no other subscription of it
+                retain = retain or (as_published and msg.retain)
+            if session is not None and session.deliver(msg, q, retain, group=group):
                 sent += 1
                 by_qos[q] += 1
             else:
@@ -430,47 +528,67 @@ class Broker:
             self.log.warning("messages dropped: subscriber queue full or connection congested",
                              topic=msg.topic, dropped_total=self.stats.publish_dropped)
 
+    def _check_filter(self, session: Session, topic_filter: str) -> tuple[ReasonCode | None, tuple | None]:
+        """(None, its share or None) when `session` may subscribe to `topic_filter`, else (the
+        5.0 reason code refusing it, None); checked before the tree is touched."""
+        refused = self._may_subscribe(session, topic_filter)
+        if refused is not None:
+            return refused, None
+        try:
+            share = shared.parse(topic_filter)
+        except InvalidShare as e:
+            self.limit_hit("share_refused", "subscription refused: invalid shared subscription",
+                           client=session.client_id, filter=topic_filter, reason=str(e))
+            return ReasonCode.TOPIC_FILTER_INVALID, None
+        acl = self.access.acl
+        checked = topic_filter if share is None else share[1]  # a group is no right of its own
+        if acl is not None and not acl.can_subscribe(session.client_id, session.username, checked):
+            self.limit_hit("subscribe_denied", "denied SUBSCRIBE", client=session.client_id,
+                           user=session.username or "-", filter=topic_filter)
+            return ReasonCode.NOT_AUTHORIZED, None
+        return None, share
+
     def _subscribe(self, conn, pkt: Subscribe) -> None:
         session: Session = conn.session
         codes = []
         accepted = []
         for topic_filter, qos in pkt.topics:
-            if not self._may_subscribe(session, topic_filter):
+            refused, share = self._check_filter(session, topic_filter)
+            if refused is not None:
                 codes.append(SUBACK_FAILURE)  # the others of this SUBSCRIBE are still granted
                 continue
-            try:
-                share = shared.parse(topic_filter)
-            except InvalidShare as e:
-                self.limit_hit("share_refused", "subscription refused: invalid shared subscription",
-                               client=session.client_id, filter=topic_filter, reason=str(e))
-                codes.append(SUBACK_FAILURE)
-                continue
-            acl = self.access.acl
-            checked = topic_filter if share is None else share[1]  # a group is no right of its own
-            if acl is not None and not acl.can_subscribe(session.client_id, session.username, checked):
-                self.limit_hit("subscribe_denied", "denied SUBSCRIBE", client=session.client_id,
-                               user=session.username or "-", filter=topic_filter)
-                codes.append(SUBACK_FAILURE)
-                continue
             self._add_subscription(session, topic_filter, qos, share)
+            session.options.pop(topic_filter, None)  # a 3.1.1 subscription has none
             codes.append(qos)
             if share is None:  # no retained messages on a shared subscription [MQTT-4.8.2]
                 accepted.append((topic_filter, qos))
         self._save_subscriptions(session)
         self.store.ack(conn, encode(Suback(pkt.packet_id, tuple(codes))), session.sid is not None)
-        # Retained messages follow the SUBACK, with the retain flag set [MQTT-3.3.1-6, -8].
+        self._send_retained(session, accepted)
+
+    def _send_retained(self, session: Session, accepted: list[tuple[str, int]]) -> None:
+        """Retained messages follow the SUBACK, with the retain flag set [MQTT-3.3.1-6, -8]."""
         acl = self.access.acl
+        now = self.clock()
         for (topic_filter, granted) in accepted:
             for r in self.retained.match(topic_filter):
                 if acl is not None and not acl.can_read(session.client_id, session.username, r.topic):
                     continue
-                session.deliver(Message(r.topic, r.payload, r.qos, True), min(r.qos, granted), retain=True)
+                if r.expires is not None and r.expires <= now:  # expired: gone [MQTT-3.3.2-5]
+                    self.retained.set(r.topic, b"", 0)
+                    self.store.retain(r.topic, b"", 0)
+                    self.stats.messages_expired += 1
+                    continue
+                msg = Message(r.topic, r.payload, r.qos, True)
+                msg.props, msg.expires = r.props, r.expires
+                session.deliver(msg, min(r.qos, granted), retain=True)
 
     def _unsubscribe(self, conn, pkt: Unsubscribe) -> None:
         session: Session = conn.session
         for topic_filter in pkt.topics:
             if session.subscriptions.pop(topic_filter, None) is not None:
                 self._remove_subscription(session, topic_filter)
+                session.options.pop(topic_filter, None)
         self._save_subscriptions(session)
         self.store.ack(conn, encode(Unsuback(pkt.packet_id)), session.sid is not None)  # even if nothing matched [MQTT-3.10.4-5]
 
@@ -569,6 +687,7 @@ class Broker:
     def _new_session(self, client_id: str, clean: bool) -> Session:
         lim = self.limits
         session = Session(client_id, clean, lim.inflight_for(client_id), lim.max_queued, lim.max_queued_bytes)
+        session.clock, session.stats = self.clock, self.stats
         self.sessions[client_id] = session
         return session
 
@@ -581,10 +700,13 @@ class Broker:
             session.incoming_qos2 = s.qos2_in
             session.username = s.username
             session.disconnected_at = s.disconnected_at or self.clock()
+            session.expiry = s.expiry
             for topic_filter, qos in s.subscriptions.items():
                 self._add_subscription(session, topic_filter, qos, shared.parse(topic_filter))
-        for topic, payload, qos in loaded.retained:
-            self.retained.set(topic, payload, qos)
+            for topic_filter, (no_local, as_published, ident) in s.options.items():
+                session.options[topic_filter] = v5.SubOptions(bool(no_local), bool(as_published), ident)
+        for topic, payload, qos, props, expires in loaded.retained:
+            self.retained.set(topic, payload, qos, bytes(props) if props else b"", expires)
 
     # bridges (bridge.py) ------------------------------------------------------------------------
 
@@ -688,18 +810,18 @@ class Broker:
         # A topic has at most len(topic) + 1 levels: the count is skipped for every usual one.
         return len(topic) >= limit and topic.count("/") >= limit
 
-    def _may_subscribe(self, session: Session, topic_filter: str) -> bool:
-        """Checked before the tree is touched: a refused filter costs nothing to keep."""
+    def _may_subscribe(self, session: Session, topic_filter: str) -> ReasonCode | None:
+        """None, or the reason a limit refuses the filter (its 5.0 reason code)."""
         if self._too_deep(topic_filter):
             self.limit_hit("topic_levels_refused", "subscription refused: too many topic levels",
                            client=session.client_id, levels=topic_filter.count("/") + 1,
                            max_topic_levels=self.limits.max_topic_levels)
-            return False
+            return ReasonCode.QUOTA_EXCEEDED
         if topic_filter not in session.subscriptions and len(session.subscriptions) >= self.limits.max_subscriptions:
             self.limit_hit("subscriptions_refused", "subscription refused: max_subscriptions_per_client reached",
                            client=session.client_id, max_subscriptions_per_client=self.limits.max_subscriptions)
-            return False
-        return True
+            return ReasonCode.QUOTA_EXCEEDED
+        return None
 
     def _retain(self, msg: Message) -> None:
         """Retain `msg` unless it would take the store past a bound: a new topic past either
@@ -721,24 +843,29 @@ class Broker:
                                "max_retained_bytes reached (delivered, not retained)", topic=msg.topic,
                                retained=count, retained_bytes=nbytes)
                 return
-        self.retained.set(msg.topic, msg.payload, msg.qos)
+        self.retained.set(msg.topic, msg.payload, msg.qos, msg.props, msg.expires)
         if not msg.topic.startswith("$SYS/"):
-            self.store.retain(msg.topic, msg.payload, msg.qos)
+            self.store.retain(msg.topic, msg.payload, msg.qos, msg.props, msg.expires)
 
     def expire_sessions(self, now: float) -> int:
-        """Remove every persistent session whose client has been away longer than
-        `Limits.session_expiry` (persistent_client_expiration), with its subscriptions and
-        queue. The server calls it once a second with the broker's clock. Returns how many."""
-        expiry = self.limits.session_expiry
-        if not expiry:
-            return 0
+        """Remove every persistent session whose client has been away longer than its Session
+        Expiry Interval (v5) or `Limits.session_expiry` (persistent_client_expiration: 3.1.1,
+        and v5 sessions that never expire), with its subscriptions and queue, and publish the
+        wills that are due. The server calls it once a second with the broker's clock. Returns
+        how many sessions expired."""
+        default = self.limits.session_expiry
         expired = []
         for s in self.sessions.values():
             if s.conn is None and not s.clean and not s.client_id.startswith(BRIDGE_PREFIX):
+                expiry = default if s.expiry is None or s.expiry == v5.NEVER else s.expiry
                 if s.disconnected_at is None:
                     s.disconnected_at = now  # never attached since it was made (restored): away from now
-                elif now - s.disconnected_at > expiry:
+                elif expiry and now - s.disconnected_at > expiry:
                     expired.append(s)
+        for cid, (due, s, will) in list(self.wills.items()):
+            if due <= now or s in expired:  # the session's end publishes it at once [MQTT-3.1.3-9]
+                del self.wills[cid]
+                self._will(s, will)
         for s in expired:
             queued = s.pending()
             self._drop_session(s)
@@ -748,7 +875,8 @@ class Broker:
             for conn in waiters:  # publishers held for its queue: it is gone, they may go on
                 conn.retry_held()
             self.limit_hit("sessions_expired", "persistent session expired: client away longer than "
-                           "persistent_client_expiration", client=s.client_id,
+                           + ("persistent_client_expiration" if s.expiry is None or s.expiry == v5.NEVER
+                              else "its Session Expiry Interval"), client=s.client_id,
                            away_s=int(now - s.disconnected_at), dropped_messages=queued)
         return len(expired)
 
@@ -776,6 +904,8 @@ class Broker:
             "$SYS/broker/publish/messages/sent": str(s.publish_sent),
             "$SYS/broker/publish/messages/dropped": str(s.publish_dropped),
             "$SYS/broker/publish/messages/held": str(s.publish_held),
+            "$SYS/broker/publish/messages/expired": str(s.messages_expired),
+            "$SYS/broker/publish/messages/too_large": str(s.too_large_dropped),
             "$SYS/broker/bytes/received": str(s.bytes_received),
             "$SYS/broker/bytes/sent": str(s.bytes_sent),
             "$SYS/broker/retained messages/count": str(len(self.retained)),

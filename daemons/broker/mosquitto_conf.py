@@ -161,7 +161,7 @@ class Model:
 _LOGGING = "iot-broker logs to stderr / the journal ([log] level sets how much)"
 _BRIDGE = "a bridge option iot-broker's bridges do not have"
 _PLUGIN = "plugins are not supported"
-_MQTT5 = "an MQTT 5 setting; iot-broker speaks MQTT 3.1.1 (and 3.1)"
+_MQTT5 = "an MQTT 5 setting not converted; [broker] max_keepalive and max_topic_alias are set by hand"
 _MOSQ21 = "a Mosquitto 2.1 option; not supported"
 _TLS_ENGINE = "TLS engines are not supported: keyfile must be a PEM file"
 

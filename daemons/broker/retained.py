@@ -37,11 +37,15 @@ __all__ = ["RetainedMessage", "RetainedStore"]
 
 @dataclass(frozen=True, slots=True)
 class RetainedMessage:
-    """A retained Application Message and the QoS it was published with."""
+    """A retained Application Message and the QoS it was published with; an MQTT 5.0 one also
+    with the properties it carries on (encoded, sessions.Message.props) and when its Message
+    Expiry Interval ends (the broker's clock; None: never)."""
 
     topic: str
     payload: bytes
     qos: int
+    props: bytes = b""
+    expires: float | None = None
 
 
 class _Node:
@@ -84,7 +88,7 @@ class RetainedStore:
             self._sys_count += count
             self._sys_bytes += nbytes
 
-    def set(self, topic: str, payload: bytes, qos: int) -> None:
+    def set(self, topic: str, payload: bytes, qos: int, props: bytes = b"", expires: float | None = None) -> None:
         """Retain ``payload`` on ``topic``; an empty payload deletes instead."""
         validate_topic_name(topic)
         if qos not in (0, 1, 2):
@@ -103,7 +107,7 @@ class RetainedStore:
             self._account(topic, 1, len(topic.encode()) + len(payload))
         else:
             self._account(topic, 0, len(payload) - len(old.payload))
-        node.message = RetainedMessage(topic, bytes(payload), qos)
+        node.message = RetainedMessage(topic, bytes(payload), qos, props, expires)
 
     def _delete(self, topic: str) -> None:
         levels = topic.split("/")

@@ -16,7 +16,9 @@ removes persistent sessions away longer than `persistent_client_expiration`
 (`Broker.expire_sessions`). Another task publishes $SYS/broker/... every `sys_interval` seconds.
 
 A protocol error closes only that connection (after a CONNACK with a return code where the
-spec asks for one); the close is ungraceful, so the client's will is published.
+spec asks for one, or for an MQTT 5.0 client a DISCONNECT with the error's reason code,
+section 4.13); the close is ungraceful, so the client's will is published. The reader speaks
+5.0 as well as 3.1.1 and 3.1 (`Reader(version=5)`): the CONNECT decides for the connection.
 
 Flow control (core.py): when the core cannot take a PUBLISH yet, the connection keeps it in
 `held`, with every later packet except acknowledgements and pings, which are still handled
@@ -91,9 +93,12 @@ from ..service import Exit, Log, Service
 from . import trace
 from .auth import Acl, AuthFileError, PasswordFile
 from .bridge import Bridge
+from . import v5
 from .core import Access, Broker, Limits
+from .packets import _varint
 from .packets import (Connack, Connect, Disconnect, PacketTooLarge, Pingreq, ProtocolError, Puback, Pubcomp, Publish,
-                      Pubrec, Pubrel, Reader, Suback, Subscribe, Unsubscribe, decode, encode)
+                      Pubrec, Pubrel, Reader, ReasonCode, Suback, Subscribe, Unsubscribe, decode, encode)
+from .packets5 import ConnectV5, PubackV5, PubcompV5, PublishV5, PubrecV5, PubrelV5
 from .store import Store
 
 # Per-connection output buffered in asyncio beyond which QoS 0 messages to that client are
@@ -111,7 +116,8 @@ SWEEP_INTERVAL = 1.0
 HELD_PACKETS = 1000
 HELD_BYTES = 1024 * 1024
 # Handled even while a PUBLISH is held: they free room, they never need any.
-PASS_WHILE_HELD = (Puback, Pubrec, Pubrel, Pubcomp, Pingreq)
+PASS_WHILE_HELD = (Puback, Pubrec, Pubrel, Pubcomp, Pingreq, PubackV5, PubrecV5, PubrelV5, PubcompV5)
+PUBLISHES = (Publish, PublishV5)
 # MQTT over WebSocket: the subprotocols accepted, in order of preference [MQTT-6.0.0-3];
 # "mqttv3.1" is what MQTT 3.1 clients ask for.
 WS_SUBPROTOCOLS = ("mqtt", "mqttv3.1")
@@ -153,12 +159,14 @@ class PacketTrace:
 
     def received(self, conn: Connection, pkt) -> None:
         kind = type(pkt)
-        if kind is Connect:
+        if kind is Connect or kind is ConnectV5:
             s = conn.broker.sessions.get(pkt.client_id)
             self.takeover = s is not None and s.conn is not None
             return
         name = self.name(conn)
-        self.line(trace.received(name, pkt))
+        text = trace.received(name, pkt)
+        if text is not None:
+            self.line(text)
         if kind is Subscribe:
             for topic_filter, qos in pkt.topics:
                 self.line(trace.subscribe_filter(topic_filter, qos))
@@ -189,7 +197,7 @@ class PacketTrace:
         view, pos = memoryview(data), 0
         while pos < len(view):
             try:
-                got = decode(view[pos:], role="client")
+                got = decode(view[pos:], role="client", version=5 if conn.v5 is not None else 4)
             except ProtocolError as e:  # our bug: say so, never break the connection for a log line
                 PACKETS.warning(f"Sending {len(data) - pos} bytes to {self.name(conn)} the trace cannot decode: {e}")
                 return
@@ -197,6 +205,12 @@ class PacketTrace:
                 return
             pkt, used = got
             pos += used
+            if type(pkt) is not Connack and type(pkt).__name__ == "ConnackV5":
+                if pkt.reason_code == 0:
+                    self.connack = pkt
+                    continue
+                self.line(trace.sent(conn.peer.rpartition(":")[0], pkt))
+                continue
             if type(pkt) is Connack:
                 if pkt.return_code == 0:
                     self.connack = pkt  # logged by connected()
@@ -218,7 +232,7 @@ class Connection(asyncio.Protocol):
         "last_rx", "opened", "out", "flush_scheduled", "closing", "paused", "peer", "loop",
         "held", "held_bytes", "reading", "retry_scheduled",
         "held_full", "paused_at", "paused_size", "out_bytes", "closed_at", "login_refused",
-        "listener", "cert_username", "listener_allow_anonymous", "trace",
+        "listener", "cert_username", "listener_allow_anonymous", "trace", "v5",
     )
     # Mosquitto 2.0.11 logs "New connection from" for TCP connections only.
     trace_accept = True
@@ -228,7 +242,8 @@ class Connection(asyncio.Protocol):
         self.broker = srv.broker
         self.stats = srv.broker.stats
         # Raised to max_packet_size once CONNECT is accepted.
-        self.reader = Reader("server", min(srv.cfg.max_connect_size, srv.cfg.max_packet_size))
+        self.reader = Reader("server", min(srv.cfg.max_connect_size, srv.cfg.max_packet_size), version=5)
+        self.v5: v5.Client | None = None  # set by the core for an MQTT 5.0 connection
         self.transport: asyncio.Transport | None = None
         self.session = None
         self.will = None
@@ -308,7 +323,7 @@ class Connection(asyncio.Protocol):
                 if not broker.handle(self, pkt):
                     break
                 held.popleft()
-                if type(pkt) is Publish:
+                if type(pkt) in PUBLISHES:
                     self.held_bytes -= len(pkt.payload)
             while not self.closing and (not held or (len(held) < HELD_PACKETS and self.held_bytes < HELD_BYTES)):
                 pkt = reader.next_packet()
@@ -331,16 +346,20 @@ class Connection(asyncio.Protocol):
                         self.trace.connected(self, pkt)
                     if self.srv.log.is_debug():
                         self.srv.log.debug("client connected", client=self.session.client_id, peer=self.peer,
-                                           clean=int(pkt.clean_session), keepalive=pkt.keep_alive,
+                                           clean=int(getattr(pkt, "clean_session", None) or
+                                                     getattr(pkt, "clean_start", False)),
+                                           keepalive=pkt.keep_alive, protocol=pkt.protocol_level,
                                            username=self.cert_username or pkt.username or "-",
                                            port=self.listener.port)
                 elif (held and type(pkt) not in PASS_WHILE_HELD) or not broker.handle(self, pkt):
                     held.append(pkt)
-                    if type(pkt) is Publish:
+                    if type(pkt) in PUBLISHES:
                         self.held_bytes += len(pkt.payload)
         except ProtocolError as e:
             if e.connack is not None and self.session is None:
                 self.send(encode(Connack(False, e.connack)))
+            elif self.v5 is not None and self.session is not None:
+                self.send(v5.disconnect_bytes(e.reason, str(e)))
             if self.session is None and isinstance(e, PacketTooLarge):
                 self.broker.limit_hit("connect_size_refused", "packet before CONNECT over max_connect_size; "
                                       "closing connection", peer=self.peer, error=str(e))
@@ -606,7 +625,10 @@ class Server:
                                          max_subscriptions=cfg.max_subscriptions_per_client,
                                          max_retained_messages=cfg.max_retained_messages,
                                          max_retained_bytes=cfg.max_retained_bytes,
-                                         session_expiry=expiration_seconds(cfg.persistent_client_expiration)),
+                                         session_expiry=expiration_seconds(cfg.persistent_client_expiration),
+                                         max_topic_alias=cfg.max_topic_alias, max_keepalive=cfg.max_keepalive,
+                                         # Maximum Packet Size counts the whole packet, fixed header too.
+                                         max_packet_size=1 + len(_varint(cfg.max_packet_size)) + cfg.max_packet_size),
                              clock=time.time, store=store)
         self.conns: set[Connection] = set()
         self.listeners: list[Listener] = []
@@ -689,7 +711,7 @@ class Server:
                 self.log.info("keep-alive expired; closing", client=c.client_id, keepalive=c.keepalive)
                 if c.trace is not None:
                     c.trace.line(trace.timed_out(c.client_id))
-                c.close()
+                v5.disconnect(c, ReasonCode.KEEP_ALIVE_TIMEOUT, "keep alive timeout")
         self.broker.expire_sessions(self.broker.clock())
         if self.buckets:
             self._forget_full_buckets(now)
@@ -733,7 +755,7 @@ class Server:
 
     def close_all(self) -> None:
         for c in list(self.conns):
-            c.close()
+            v5.disconnect(c, ReasonCode.SERVER_SHUTTING_DOWN, "server shutting down")
 
 
 def families(srv: Server) -> Families:
@@ -917,7 +939,7 @@ def add_arguments(p) -> None:
 def main(argv=None) -> int:
     return service.run(
         "iot-broker",
-        "MQTT 3.1.1 broker. Reads the [broker] section of the config; with no config file it runs "
+        "MQTT broker: MQTT 5.0, 3.1.1 and 3.1. Reads the [broker] section of the config; with no config file it runs "
         "with built-in defaults (0.0.0.0:1883).",
         serve,
         add_arguments=add_arguments,

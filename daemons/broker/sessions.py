@@ -31,7 +31,11 @@ Incoming QoS 2 (the client publishes to us) uses "method B" of figure 4.3: the m
 routed when it first arrives and its packet id remembered until PUBREL, so a retransmitted
 PUBLISH with the same id is acknowledged again but not routed twice [MQTT-4.3.3-2].
 
-The session writes through `conn.send(bytes)`; it does no I/O of its own.
+The session writes through `conn.send(bytes)`; it does no I/O of its own. To an MQTT 5.0
+client (`v5`, a v5.Client, set while attached to one) each PUBLISH is encoded by that client's
+`publish`, which adds its properties, topic alias and subscription identifiers; a message too
+large for it is not sent and counts as delivered [MQTT-3.1.2-25]. A queued message whose
+Message Expiry Interval has passed is dropped when its turn comes, not sent [MQTT-3.3.2-5].
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol
 
-from .packets import Will, encode_publish
+import time
+
+from .packets import Will, _varint, encode_publish
+from .packets5 import encode_publish_v5
 
 PUBREL_PREFIX = b"\x62\x02"
 
@@ -55,10 +62,12 @@ class Link(Protocol):
 class Message:
     """An application message as routed: one object shared by every subscriber it goes to.
 
-    Not frozen: it caches its QoS 0 encoding, made once and sent to every QoS 0 subscriber.
+    Not frozen: it caches its QoS 0 encodings, made once and sent to every QoS 0 subscriber.
+    `props`: the encoded properties it carries on to v5 subscribers (v5.carry); `expires`: when
+    its Message Expiry Interval ends, on the broker's clock (None: never).
     """
 
-    __slots__ = ("topic", "topic_bytes", "payload", "qos", "retain", "_qos0")
+    __slots__ = ("topic", "topic_bytes", "payload", "qos", "retain", "_qos0", "props", "expires", "_qos0v5")
 
     def __init__(self, topic: str, payload: bytes, qos: int, retain: bool, topic_bytes: bytes | None = None):
         self.topic = topic
@@ -67,11 +76,21 @@ class Message:
         self.qos = qos
         self.retain = retain
         self._qos0: bytes | None = None
+        self.props = b""
+        self.expires: float | None = None
+        self._qos0v5: bytes | None = None
 
     def qos0_bytes(self) -> bytes:
         if self._qos0 is None:
             self._qos0 = encode_publish(self.topic_bytes, self.payload, 0, False, False, None)
         return self._qos0
+
+    def qos0_v5_bytes(self) -> bytes:
+        """The QoS 0 PUBLISH to a v5 client that needs no property of its own."""
+        if self._qos0v5 is None:
+            self._qos0v5 = encode_publish_v5(self.topic_bytes, self.payload, 0, False, False, None,
+                                             _varint(len(self.props)) + self.props)
+        return self._qos0v5
 
 
 class Outgoing:
@@ -92,7 +111,7 @@ class Session:
         "client_id", "clean", "conn", "will", "subscriptions", "inflight", "queue", "queued_bytes",
         "incoming_qos2", "max_inflight", "max_queued", "max_queued_bytes", "dropped", "waiters",
         "_next_pid", "store", "sid", "on_disk", "last_seq", "loading", "disconnected_at", "stored_bytes",
-        "username", "no_local",
+        "username", "no_local", "v5", "options", "expiry", "clock", "stats",
     )
 
     def __init__(self, client_id: str, clean: bool, max_inflight: int, max_queued: int,
@@ -127,6 +146,11 @@ class Session:
         # When the client went away (the broker's clock: wall-clock time in the server, so it
         # stays meaningful in the store across restarts), for persistent_client_expiration.
         self.disconnected_at: float | None = None
+        self.v5 = None  # the v5.Client attached, None for a 3.1.1/3.1 one or none
+        self.options: dict = {}  # filter -> v5.SubOptions, for subscriptions that have any
+        self.expiry: int | None = None  # v5 Session Expiry Interval; None: persistent_client_expiration
+        self.clock = time.time  # the broker's, for Message Expiry
+        self.stats = None  # the broker's Stats: expired and too-large messages are counted there
 
     def __repr__(self) -> str:
         return f"<Session {self.client_id!r} clean={self.clean} online={self.conn is not None}>"
@@ -160,8 +184,15 @@ class Session:
                 return True  # not kept for an offline session: not a loss the broker promised
             if conn.congested():
                 return False
-            conn.send(msg.qos0_bytes() if not retain else
-                      encode_publish(msg.topic_bytes, msg.payload, 0, True, False, None))
+            if self.v5 is None:
+                conn.send(msg.qos0_bytes() if not retain else
+                          encode_publish(msg.topic_bytes, msg.payload, 0, True, False, None))
+            else:
+                data = self.v5.publish(msg, 0, retain, False, None, self.options)
+                if data is not None:
+                    conn.send(data)
+                elif self.stats is not None:
+                    self.stats.too_large_dropped += 1
             return True
         store = self.store
         if not self.on_disk:
@@ -187,16 +218,27 @@ class Session:
     def _store(self, msg: Message, qos: int, retain: bool) -> int:
         size = _size(msg)
         self.stored_bytes += size
-        return self.store.message(self.sid, msg.topic, msg.payload, qos, retain, size)
+        return self.store.message(self.sid, msg, qos, retain, size)
 
     def _send_new(self, conn: Link, msg: Message, qos: int, retain: bool, seq: int | None, group=None) -> None:
         pid = self._allocate_pid()
+        if self.v5 is None:
+            data = encode_publish(msg.topic_bytes, msg.payload, qos, retain, False, pid)
+        else:
+            data = self.v5.publish(msg, qos, retain, False, pid, self.options)
+            if data is None:  # larger than the client takes: as if delivered [MQTT-3.1.2-25]
+                if seq is not None:
+                    self.last_seq = max(self.last_seq, seq)
+                self._forget(msg, seq)
+                if self.stats is not None:
+                    self.stats.too_large_dropped += 1
+                return
         self.inflight[pid] = Outgoing(msg, qos, retain, seq, group)
         if seq is not None:
             self.last_seq = max(self.last_seq, seq)
             if qos == 2:
                 self.store.sent(seq, pid)
-        conn.send(encode_publish(msg.topic_bytes, msg.payload, qos, retain, False, pid))
+        conn.send(data)
 
     def _allocate_pid(self) -> int:
         # At most max_inflight (<= 65535) ids are in use, so a free one is always found.
@@ -213,6 +255,11 @@ class Session:
         while conn is not None and queue and len(self.inflight) < self.max_inflight:
             msg, qos, retain, seq, group = queue.popleft()
             self.queued_bytes -= _size(msg)
+            if msg.expires is not None and msg.expires <= self.clock():
+                self._forget(msg, seq)  # its Message Expiry Interval passed while it waited
+                if self.stats is not None:
+                    self.stats.messages_expired += 1
+                continue
             self._send_new(conn, msg, qos, retain, seq, group)
         if self.on_disk and not self.loading and len(queue) <= self.max_queued // 2:
             self.loading = True
@@ -222,8 +269,8 @@ class Session:
         self.loading = False
         if self.store is None:
             return  # the session ended while its page was read
-        for seq, topic, payload, qos, retain, _pid, _pubrel in rows:
-            msg = Message(topic, payload, qos, bool(retain))
+        for seq, topic, payload, qos, retain, _pid, _pubrel, props, expires in rows:
+            msg = _stored(topic, payload, qos, retain, props, expires)
             self.queue.append((msg, qos, bool(retain), seq, None))
             self.queued_bytes += _size(msg)
             self.last_seq = seq
@@ -257,6 +304,13 @@ class Session:
             if self.conn is not None:
                 self.conn.send(PUBREL_PREFIX + pid.to_bytes(2, "big"))
 
+    def pubrec_refused(self, pid: int) -> None:
+        """A v5 PUBREC with an error reason code: the client will not take it; done."""
+        out = self.inflight.get(pid)
+        if out is not None and out.qos == 2 and not out.pubrel_sent:
+            del self.inflight[pid]
+            self._done(out)
+
     def pubcomp(self, pid: int) -> None:
         out = self.inflight.get(pid)
         if out is not None and out.qos == 2 and out.pubrel_sent:
@@ -267,10 +321,12 @@ class Session:
 
     def attach(self, conn: Link) -> None:
         self.conn = conn
+        self.v5 = getattr(conn, "v5", None)
         self.disconnected_at = None
 
     def detach(self, now: float | None = None) -> None:
         self.conn = None
+        self.v5 = None
         self.disconnected_at = now
 
     def resume(self) -> None:
@@ -281,16 +337,20 @@ class Session:
         for pid, out in self.inflight.items():
             if out.pubrel_sent:
                 conn.send(PUBREL_PREFIX + pid.to_bytes(2, "big"))
-            else:
+            elif self.v5 is None:
                 conn.send(encode_publish(out.msg.topic_bytes, out.msg.payload, out.qos, out.retain, True, pid))
+            else:
+                data = self.v5.publish(out.msg, out.qos, out.retain, True, pid, self.options)
+                if data is not None:  # too large for this connection: sent on a later one, maybe
+                    conn.send(data)
         self._fill()
 
     def restore(self, store, sid: int, rows: list[tuple], on_disk: int, stored_bytes: int) -> None:
         """A persistent session read back from the store at start: QoS 2 messages that went out
         keep their packet ids (the client may hold them), the rest queue in order."""
         self.store, self.sid, self.on_disk, self.stored_bytes = store, sid, on_disk, stored_bytes
-        for seq, topic, payload, qos, retain, pid, pubrel in rows:
-            msg = Message(topic, payload, qos, bool(retain))
+        for seq, topic, payload, qos, retain, pid, pubrel, props, expires in rows:
+            msg = _stored(topic, payload, qos, retain, props, expires)
             if qos == 2 and pid is not None and pid not in self.inflight:
                 out = self.inflight[pid] = Outgoing(msg, qos, bool(retain), seq)
                 out.pubrel_sent = bool(pubrel)
@@ -332,3 +392,12 @@ class Session:
 
     def pending(self) -> int:
         return len(self.inflight) + len(self.queue) + self.on_disk
+
+
+def _stored(topic: str, payload: bytes, qos: int, retain, props, expires) -> Message:
+    """A message read back from the store (store.py's row)."""
+    msg = Message(topic, payload, qos, bool(retain))
+    if props:
+        msg.props = bytes(props)
+    msg.expires = expires
+    return msg

@@ -63,31 +63,42 @@ from .packets import ProtocolError, validate_topic_filter, validate_topic_name
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     sid INTEGER PRIMARY KEY, client_id TEXT NOT NULL UNIQUE, subscriptions TEXT NOT NULL,
-    disconnected_at REAL, username TEXT);
+    disconnected_at REAL, username TEXT, expiry INTEGER, options TEXT);
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY, sid INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
-    qos INTEGER NOT NULL, retain INTEGER NOT NULL, pid INTEGER, pubrel INTEGER NOT NULL DEFAULT 0);
+    qos INTEGER NOT NULL, retain INTEGER NOT NULL, pid INTEGER, pubrel INTEGER NOT NULL DEFAULT 0,
+    props BLOB, expires REAL);
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (sid, seq);
 CREATE TABLE IF NOT EXISTS qos2_in (sid INTEGER NOT NULL, pid INTEGER NOT NULL, PRIMARY KEY (sid, pid));
-CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL,
+    props BLOB, expires REAL);
 """
 TABLES = ("sessions", "messages", "qos2_in", "retained")
+# Columns added since the first release of the store: an older store file gets them on open
+# (CREATE IF NOT EXISTS keeps old tables as they are). MQTT 5.0: a session's Session Expiry
+# Interval (NULL: a 3.1.1 session) and subscription options; a message's properties (the
+# encoded ones it carries on) and when its Message Expiry Interval ends.
+MIGRATIONS = (("sessions", "username", "TEXT"), ("sessions", "expiry", "INTEGER"), ("sessions", "options", "TEXT"),
+              ("messages", "props", "BLOB"), ("messages", "expires", "REAL"),
+              ("retained", "props", "BLOB"), ("retained", "expires", "REAL"))
 
-SQL_SESSION = ("INSERT INTO sessions (sid, client_id, subscriptions, disconnected_at, username) "
-               "VALUES (?, ?, ?, ?, ?) ON CONFLICT (sid) DO UPDATE SET subscriptions = excluded.subscriptions, "
-               "disconnected_at = excluded.disconnected_at, username = excluded.username")
+SQL_SESSION = ("INSERT INTO sessions (sid, client_id, subscriptions, disconnected_at, username, expiry, options) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sid) DO UPDATE SET subscriptions = excluded.subscriptions, "
+               "disconnected_at = excluded.disconnected_at, username = excluded.username, "
+               "expiry = excluded.expiry, options = excluded.options")
 SQL_DROP = ("DELETE FROM messages WHERE sid = ?", "DELETE FROM qos2_in WHERE sid = ?",
             "DELETE FROM sessions WHERE sid = ?")
-SQL_MESSAGE = "INSERT INTO messages (seq, sid, topic, payload, qos, retain, pid) VALUES (?, ?, ?, ?, ?, ?, ?)"
+SQL_MESSAGE = ("INSERT INTO messages (seq, sid, topic, payload, qos, retain, pid, props, expires) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 SQL_SENT = "UPDATE messages SET pid = ? WHERE seq = ?"
 SQL_PUBREL = "UPDATE messages SET pubrel = 1 WHERE seq = ?"
 SQL_DONE = "DELETE FROM messages WHERE seq = ?"
 SQL_DONE_RANGE = "DELETE FROM messages WHERE seq BETWEEN ? AND ?"
 SQL_Q2_ADD = "INSERT OR IGNORE INTO qos2_in (sid, pid) VALUES (?, ?)"
 SQL_Q2_DEL = "DELETE FROM qos2_in WHERE sid = ? AND pid = ?"
-SQL_RETAIN = "INSERT OR REPLACE INTO retained (topic, payload, qos) VALUES (?, ?, ?)"
+SQL_RETAIN = "INSERT OR REPLACE INTO retained (topic, payload, qos, props, expires) VALUES (?, ?, ?, ?, ?)"
 SQL_UNRETAIN = "DELETE FROM retained WHERE topic = ?"
-SQL_PAGE = ("SELECT seq, topic, payload, qos, retain, pid, pubrel FROM messages "
+SQL_PAGE = ("SELECT seq, topic, payload, qos, retain, pid, pubrel, props, expires FROM messages "
             "WHERE sid = ? AND seq > ? ORDER BY seq LIMIT ?")
 
 RETRY_AFTER = 1.0
@@ -103,8 +114,11 @@ class StoredSession:
     subscriptions: dict[str, int]
     disconnected_at: float | None
     username: str | None = None
+    expiry: int | None = None  # v5 Session Expiry Interval
+    options: dict = field(default_factory=dict)  # filter -> (no_local, retain_as_published, identifier)
     qos2_in: set[int] = field(default_factory=set)
-    rows: list[tuple] = field(default_factory=list)  # the first page: (seq, topic, payload, qos, retain, pid, pubrel)
+    # The first page: (seq, topic, payload, qos, retain, pid, pubrel, props, expires)
+    rows: list[tuple] = field(default_factory=list)
     on_disk: int = 0  # rows after the first page
     stored_bytes: int = 0  # topic and payload bytes of all its rows
 
@@ -112,7 +126,7 @@ class StoredSession:
 @dataclass(slots=True)
 class Loaded:
     sessions: list[StoredSession]
-    retained: list[tuple[str, bytes, int]]
+    retained: list[tuple[str, bytes, int, bytes | None, float | None]]  # topic, payload, qos, props, expires
     skipped: int = 0  # rows that made no sense
 
 
@@ -172,9 +186,9 @@ class Store:
     @staticmethod
     def _check(db: sqlite3.Connection) -> str:
         db.executescript(SCHEMA)
-        # Columns added since the first release of the store (CREATE IF NOT EXISTS keeps old tables).
-        if "username" not in {r[1] for r in db.execute("PRAGMA table_info(sessions)")}:
-            db.execute("ALTER TABLE sessions ADD COLUMN username TEXT")
+        for table, column, kind in MIGRATIONS:
+            if column not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         result = db.execute("PRAGMA quick_check").fetchall()
         return "" if result == [("ok",)] else "; ".join(r[0] for r in result[:3])
 
@@ -206,18 +220,24 @@ class Store:
         db = self._db
         skipped = 0
         sessions: dict[int, StoredSession] = {}
-        for sid, client_id, subs, disconnected_at, username in db.execute(
-                "SELECT sid, client_id, subscriptions, disconnected_at, username FROM sessions"):
+        for sid, client_id, subs, disconnected_at, username, expiry, options in db.execute(
+                "SELECT sid, client_id, subscriptions, disconnected_at, username, expiry, options FROM sessions"):
             try:
                 filters = orjson.loads(subs)
                 for f, q in filters.items():
                     validate_topic_filter(f)
                     if q not in (0, 1, 2):
                         raise ValueError(q)
+                opts = orjson.loads(options) if options else {}
+                for f, (no_local, rap, ident) in opts.items():
+                    if f not in filters or not (ident is None or 1 <= ident <= 268_435_455):
+                        raise ValueError(f)
+                if expiry is not None and not 0 <= expiry <= 0xFFFF_FFFF:
+                    raise ValueError(expiry)
             except (orjson.JSONDecodeError, ProtocolError, ValueError, AttributeError, TypeError):
                 skipped += 1
-                filters = {}
-            sessions[sid] = StoredSession(sid, client_id, filters, disconnected_at, username)
+                filters, opts, expiry = {}, {}, None
+            sessions[sid] = StoredSession(sid, client_id, filters, disconnected_at, username, expiry, opts)
         for sid, pid in db.execute("SELECT sid, pid FROM qos2_in"):
             if sid in sessions:
                 sessions[sid].qos2_in.add(pid)
@@ -235,12 +255,12 @@ class Store:
             s.on_disk = count - len(rows)
             s.stored_bytes = size or 0
         retained = []
-        for topic, payload, qos in db.execute("SELECT topic, payload, qos FROM retained"):
+        for topic, payload, qos, props, expires in db.execute("SELECT topic, payload, qos, props, expires FROM retained"):
             try:
                 validate_topic_name(topic)
                 if qos not in (0, 1, 2) or not payload:
                     raise ValueError(qos)
-                retained.append((topic, bytes(payload), qos))
+                retained.append((topic, bytes(payload), qos, props, expires))
             except (ProtocolError, ValueError, TypeError):
                 skipped += 1
         self.next_seq = (db.execute("SELECT max(seq) FROM messages").fetchone()[0] or 0) + 1
@@ -280,21 +300,23 @@ class Store:
     def save_session(self, session) -> None:
         """Write a session's row: who it is (client id, user name), its subscriptions, and
         since when it is away (None while connected)."""
+        options = {f: (o.no_local, o.retain_as_published, o.identifier) for f, o in session.options.items()}
         self._op(SQL_SESSION, (session.sid, session.client_id, orjson.dumps(session.subscriptions).decode(),
-                               session.disconnected_at, session.username))
+                               session.disconnected_at, session.username, session.expiry,
+                               orjson.dumps(options).decode() if options else None))
 
     def drop_session(self, sid: int, queued_bytes: int) -> None:
         for sql in SQL_DROP:
             self._op(sql, (sid,))
         self.bytes -= queued_bytes
 
-    def message(self, sid: int, topic: str, payload: bytes, qos: int, retain: bool, size: int) -> int:
-        """Queue a message for a session; returns its sequence number. `size`: its topic and
-        payload bytes, counted against the quota until `done()`."""
+    def message(self, sid: int, msg, qos: int, retain: bool, size: int) -> int:
+        """Queue a message (sessions.Message) for a session; returns its sequence number.
+        `size`: its topic and payload bytes, counted against the quota until `done()`."""
         seq = self.next_seq
         self.next_seq += 1
         self.pending_msg[seq] = len(self.ops)
-        self._op(SQL_MESSAGE, (seq, sid, topic, payload, qos, int(retain), None))
+        self._op(SQL_MESSAGE, (seq, sid, msg.topic, msg.payload, qos, int(retain), None, msg.props or None, msg.expires))
         self.bytes += size
         return seq
 
@@ -303,7 +325,7 @@ class Store:
         i = self.pending_msg.get(seq)
         if i is not None:
             sql, p = self.ops[i]
-            self.ops[i] = (sql, (*p[:6], pid))
+            self.ops[i] = (sql, (*p[:6], pid, *p[7:]))
         else:
             self._op(SQL_SENT, (pid, seq))
 
@@ -321,9 +343,9 @@ class Store:
     def qos2_in(self, sid: int, pid: int, add: bool) -> None:
         self._op(SQL_Q2_ADD if add else SQL_Q2_DEL, (sid, pid))
 
-    def retain(self, topic: str, payload: bytes, qos: int) -> None:
+    def retain(self, topic: str, payload: bytes, qos: int, props: bytes = b"", expires: float | None = None) -> None:
         if payload:
-            self._op(SQL_RETAIN, (topic, payload, qos))
+            self._op(SQL_RETAIN, (topic, payload, qos, props or None, expires))
         else:
             self._op(SQL_UNRETAIN, (topic,))
 
@@ -477,7 +499,7 @@ def _runs(seqs: list[int]) -> tuple[list[tuple[int]], list[tuple[int, int]]]:
 
 
 def _valid_row(row: tuple) -> bool:
-    seq, topic, payload, qos, retain, pid, pubrel = row
+    seq, topic, payload, qos, retain, pid, pubrel, props, expires = row
     try:
         validate_topic_name(topic)
     except (ProtocolError, TypeError):

@@ -68,10 +68,12 @@ def new_connection(peer: str, port: int) -> str:
 
 
 def new_client(peer: str, client_id: str, pkt: Connect, username: str | None) -> str:
-    """CONNECT accepted. p1 is MQTT 3.1, p2 MQTT 3.1.1 (Mosquitto's protocol numbers)."""
+    """CONNECT accepted. p1 is MQTT 3.1, p2 MQTT 3.1.1, p5 MQTT 5.0 (Mosquitto's protocol numbers)."""
     user = f", u'{username}'" if username is not None else ""
+    level = {3: 1, 4: 2}.get(pkt.protocol_level, pkt.protocol_level)
+    clean = pkt.clean_start if level == 5 else pkt.clean_session
     return (f"New client connected from {peer} as {client_id} "
-            f"(p{1 if pkt.protocol_level == 3 else 2}, c{int(pkt.clean_session)}, k{pkt.keep_alive}{user}).")
+            f"(p{level}, c{int(clean)}, k{pkt.keep_alive}{user}).")
 
 
 def will(pkt: Connect) -> tuple[str, ...]:
@@ -161,12 +163,19 @@ _SENT = {
 def received(name: str, pkt) -> str | None:
     """"Received PUBLISH from plc-1 (...)"; None for CONNECT."""
     fmt = _RECEIVED.get(type(pkt))
-    return None if fmt is None else f"Received {type(pkt).__name__.upper()} from {name}{fmt(pkt)}"
+    if fmt is None:  # an MQTT 5.0 packet: named, without Mosquitto's details
+        return None if type(pkt).__name__.startswith("Connect") else f"Received {_name(pkt)} from {name}"
+    return f"Received {type(pkt).__name__.upper()} from {name}{fmt(pkt)}"
+
+
+def _name(pkt) -> str:
+    return type(pkt).__name__.upper().removesuffix("V5")
 
 
 def sent(name: str, pkt) -> str:
     """"Sending PUBACK to plc-1 (m1, rc0)"."""
-    return f"Sending {type(pkt).__name__.upper()} to {name}{_SENT[type(pkt)](pkt)}"
+    fmt = _SENT.get(type(pkt))
+    return f"Sending {_name(pkt)} to {name}{'' if fmt is None else fmt(pkt)}"
 
 
 def subscribe_filter(topic_filter: str, qos: int) -> str:

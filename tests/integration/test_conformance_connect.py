@@ -68,7 +68,7 @@ def test_mqtt_3_1_2_2_unsupported_protocol_level_connack_1_then_close(broker):
             c.expect(connack(1, False))
             c.expect_closed()
 
-    check_each([3, 5, 0, 255], check)
+    check_each([3, 6, 0, 255], check)  # 5 is MQTT 5.0, served
     assert_serves_new_client(broker.port)
 
 
