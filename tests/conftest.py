@@ -117,10 +117,11 @@ def mariadb(tmp_path: Path):
 
 
 class BrokerUnderTest:
-    """What `brokers` started: `kind` is "ours" or "mosquitto", `port` where it listens."""
+    """What `brokers` started: `kind` is "ours" or "mosquitto", `port` where it listens, `proc`
+    its process (its log, whether it runs)."""
 
-    def __init__(self, kind: str, port: int):
-        self.kind, self.port = kind, port
+    def __init__(self, kind: str, port: int, proc: Proc):
+        self.kind, self.port, self.proc = kind, port, proc
 
 
 @pytest.fixture(params=["ours", "mosquitto"])
@@ -134,12 +135,13 @@ def brokers(request, tmp_path: Path):
 
     def start(ours: str = "", mosquitto: str = "") -> BrokerUnderTest:
         if kind == "ours":
-            return BrokerUnderTest(kind, request.getfixturevalue("broker_factory")(ours).port)
+            b = request.getfixturevalue("broker_factory")(ours)
+            return BrokerUnderTest(kind, b.port, b.proc)
         if os.geteuid() == 0:  # as root Mosquitto drops to "mosquitto", who cannot read pytest's folders
             mosquitto += "user root\n"
         m = Mosquitto(tmp_path, conf=mosquitto).start()
         request.addfinalizer(m.stop)
-        return BrokerUnderTest(kind, m.port)
+        return BrokerUnderTest(kind, m.port, m.proc)
 
     start.kind = kind
     return start
