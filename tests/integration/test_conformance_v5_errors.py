@@ -42,9 +42,20 @@ CASES = [
     ("Message Expiry Interval twice", publish("v5/err", b"x", 0, props=b"\x0a\x02\x00\x00\x00\x05\x02\x00\x00\x00\x05"), 0x82),
     # a SUBSCRIBE with Retain Handling 3 (section 3.8.3.1)
     ("Retain Handling 3", frame(0x82, u16(1) + b"\x00" + string("v5/err") + b"\x30"), 0x82),
-    # a PUBLISH over the Server's Maximum Packet Size [MQTT-3.2.2-15] (section 3.2.2.3.6)
-    ("PUBLISH over the Server's Maximum Packet Size", publish("v5/err", b"x" * (SERVER_MAX + 1), 0, props=b"\x00"), 0x95),
+    # a PUBLISH one byte over the Maximum Packet Size of the Server's CONNACK [MQTT-3.2.2-15]
+    # (section 3.2.2.3.6): built in the test, from what the CONNACK says
+    ("PUBLISH over the Server's Maximum Packet Size", None, 0x95),
 ]
+
+
+def _publish_of_size(size: int) -> bytes:
+    """A QoS 0 5.0 PUBLISH of exactly `size` bytes, fixed header included (section 3.2.2.3.6:
+    the Maximum Packet Size counts the whole packet)."""
+    for n in range(size, -1, -1):
+        data = publish("v5/big", b"x" * n, 0, props=b"\x00")
+        if len(data) == size:
+            return data
+    raise AssertionError(f"no PUBLISH of {size} bytes")
 
 # What Mosquitto 2.0.11 does instead. Closing without a DISCONNECT is what section 4.13 allows
 # (the DISCONNECT is a MAY there); issue 22 asks ours to send it, so the test asks for it.
@@ -55,10 +66,18 @@ MOSQUITTO = {
     "Retain Handling 3": _SILENT,
     "PUBLISH with a Subscription Identifier": "accepts it and keeps the connection open ([MQTT-3.3.4-6] broken "
                                               "by the client goes unnoticed)",
+    "PUBLISH over the Server's Maximum Packet Size": "counts the fixed header as one byte (Remaining Length "
+                                                     "+ 1), so a packet up to 2 bytes over the limit it "
+                                                     "announced is accepted",
 }
 
 
-@pytest.mark.parametrize(("what", "data", "reason"), CASES, ids=[c[0] for c in CASES])
+# Mosquitto's parameter of these waits out the close deadline (it keeps the connection open).
+_SLOW = {"PUBLISH with a Subscription Identifier", "PUBLISH over the Server's Maximum Packet Size"}
+
+
+@pytest.mark.parametrize(("what", "data", "reason"),
+                         [pytest.param(*c, id=c[0], marks=[pytest.mark.slow] if c[0] in _SLOW else []) for c in CASES])
 def test_v5_mqtt_4_13_1_1_error_closes_with_a_disconnect_reason(brokers, mosquitto_deviates, what, data, reason):
     """[MQTT-4.13.1-1] [MQTT-4.13.2-1] [MQTT-3.14.4-1] [MQTT-3.14.4-2] [MQTT-3.14.2-2] [MQTT-3.2.2-15]
     A Malformed Packet (0x81), a Protocol Error (0x82) or a packet larger than the Maximum Packet
@@ -67,11 +86,17 @@ def test_v5_mqtt_4_13_1_1_error_closes_with_a_disconnect_reason(brokers, mosquit
     subscriber connected beside it goes on receiving."""
     if what in MOSQUITTO:
         mosquitto_deviates(MOSQUITTO[what])
+    # Ours counts max_packet_size without the fixed header, Mosquitto with it: what each
+    # announces in its CONNACK is the limit tested.
     b = brokers(ours=f"max_packet_size = {SERVER_MAX}\n", mosquitto=f"max_packet_size {SERVER_MAX}\n")
     with client5(b.port, "v5-err-watch", subs=[("v5/alive", 0)]) as watch, RawClient(b.port) as c:
         connack_props = c.connect5_ok("v5-err", props=properties((SESSION_EXPIRY, 60)))
-        if reason == 0x95:
-            assert prop(connack_props, MAXIMUM_PACKET_SIZE) == SERVER_MAX, connack_props
+        if data is None:
+            limit = prop(connack_props, MAXIMUM_PACKET_SIZE)
+            assert limit is not None and SERVER_MAX <= limit <= SERVER_MAX + 5, connack_props
+            c.send(_publish_of_size(limit))  # at the limit: accepted
+            assert c.is_open(), "a PUBLISH of exactly the Maximum Packet Size was refused"
+            data = _publish_of_size(limit + 1)
         c.send(data)
         rest = c.read_until_closed()
         assert rest, f"{what}: closed without a DISCONNECT"
