@@ -181,10 +181,11 @@ def test_v5_interop_message_expiry(brokers, paho5):
 
 def test_v5_interop_topic_alias(brokers, paho5):
     """paho publishes with Topic Alias 1 (first with the topic, then with an empty topic); a
-    mosquitto_sub -V 5 that accepts aliases itself (topic-alias-maximum 5) prints the full
-    topic for both."""
+    mosquitto_sub -V 5 prints the full topic for both. (Aliases from the broker to a client are
+    tested over raw sockets in test_conformance_v5_flow: neither libmosquitto 2.0.11 nor paho
+    2.2 resolves them, though mosquitto_sub sends any topic-alias-maximum it is given with -D.)"""
     b = brokers()
-    s = mosquitto_sub(b.port, "-D", "connect", "topic-alias-maximum", "5", "-q", "1", "-t", "v5i/alias/#",
+    s = mosquitto_sub(b.port, "-q", "1", "-t", "v5i/alias/#",
                       "-F", "%t %p|", "-C", "2", "-W", "10")
     try:
         subscribed(s)
