@@ -43,7 +43,7 @@ def _publish_all(port: int, messages: list[tuple[str, bytes]], qos: int = 1, pro
 
 
 def test_v5_mqtt_3_3_4_9_receive_maximum_bounds_unacknowledged_publishes(brokers):
-    """[MQTT-3.3.4-9] [MQTT-3.3.4-10] A Client with Receive Maximum 2 never has more than 2
+    """[MQTT-3.3.4-9] [MQTT-3.3.4-10] [MQTT-4.9.0-2] [MQTT-4.9.0-3] A Client with Receive Maximum 2 never has more than 2
     unacknowledged QoS 1 PUBLISHes from the Server: of 6 messages it gets 2; a PINGREQ is
     still answered (other packets are not held back); each PUBACK lets one more through, until
     all 6 came, in order."""
