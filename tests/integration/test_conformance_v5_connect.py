@@ -13,7 +13,9 @@ from tests.mqttraw import (
     ASSIGNED_CLIENT_ID,
     AUTH_METHOD,
     CONNACK,
+    DISCONNECT,
     PUBACK,
+    RESPONSE_INFORMATION,
     SESSION_EXPIRY,
     WILL_DELAY,
     RawClient,
@@ -39,9 +41,9 @@ def _pub_qos1(port: int, topic: str, payload: bytes, props: bytes = b"\x00", mid
 
 
 def test_v5_mqtt_3_1_3_6_and_3_1_3_7_assigned_client_identifier(brokers):
-    """[MQTT-3.1.3-6] [MQTT-3.1.3-7] [MQTT-3.2.2-16] A zero-length ClientID gets a unique
-    ClientID, returned in the CONNACK as the Assigned Client Identifier; two such clients get
-    different ones, and the session works under it (a subscription delivers)."""
+    """[MQTT-3.1.3-6] [MQTT-3.1.3-7] [MQTT-3.2.2-16] [MQTT-3.1.2-28] A zero-length ClientID
+    gets a unique ClientID, returned in the CONNACK as the Assigned Client Identifier; two such
+    clients get different ones. Neither asked for Response Information: none is returned."""
     b = brokers()
     with RawClient(b.port) as c1, RawClient(b.port) as c2:
         ids = []
@@ -49,10 +51,9 @@ def test_v5_mqtt_3_1_3_6_and_3_1_3_7_assigned_client_identifier(brokers):
             props = c.connect5_ok("")
             assigned = prop(props, ASSIGNED_CLIENT_ID)
             assert assigned, f"no Assigned Client Identifier in the CONNACK: {props}"
+            assert prop(props, RESPONSE_INFORMATION) is None, f"Response Information not asked for: {props}"
             ids.append(assigned)
         assert ids[0] != ids[1]
-        c1.send(publish("v5/assigned", b"x", 0, props=b"\x00"))  # not subscribed: nothing back
-        c1.expect_nothing()
 
 
 def test_v5_mqtt_3_1_2_4_and_3_2_2_2_clean_start_discards_the_session(brokers):
@@ -92,7 +93,8 @@ def test_v5_mqtt_3_1_2_23_session_kept_across_a_reconnect(brokers):
 
 
 def test_v5_session_expiry_0_ends_the_session_with_the_connection(brokers):
-    """[MQTT-3.1.2-23] Session Expiry Interval absent (0): the Session ends when the connection
+    """[MQTT-3.1.2-23] [MQTT-3.1.2-6] [MQTT-3.2.2-3] Clean Start 0 without a Session creates
+    one (Session Present 0). Session Expiry Interval absent (0): the Session ends when the connection
     closes, so Clean Start 0 afterwards finds none (Session Present 0)."""
     b = brokers()
     c = client5(b.port, "v5-se0", clean=False, subs=[("v5/se0", 1)])
@@ -148,15 +150,22 @@ def test_v5_mqtt_3_1_2_8_will_delay_interval(brokers):
 
 
 def test_v5_will_without_delay_is_published_at_once_and_not_after_disconnect_0(brokers):
-    """[MQTT-3.1.2-8] [MQTT-3.14.4-3] [MQTT-3.1.2-10] Without a Will Delay Interval the Will is
-    published when the connection breaks; after a DISCONNECT with reason 0x00 it is discarded."""
+    """[MQTT-3.1.2-7] [MQTT-3.1.2-8] [MQTT-3.1.2-14] [MQTT-3.1.2-15] [MQTT-3.14.4-3]
+    [MQTT-3.1.2-10] Without a Will Delay Interval the Will is published when the connection
+    breaks, retained only if Will Retain says so (a later subscriber gets that one as retained);
+    after a DISCONNECT with reason 0x00 it is discarded."""
     b = brokers()
-    with client5(b.port, "v5-w0-watch", subs=[("v5/w0/#", 0)]) as watch:
-        c = RawClient(b.port)
-        c.connect5_ok("v5-w0-a", will=Will("v5/w0/a", b"broke"))
-        c.close()
-        m = watch.recv_publish5()
-        assert (m.topic, m.payload) == ("v5/w0/a", b"broke")
+    with client5(b.port, "v5-w0-watch", subs=[("v5/w0/#", sub_options(0, retain_as_published=True))]) as watch:
+        for cid, retain in (("a", False), ("r", True)):
+            c = RawClient(b.port)
+            c.connect5_ok(f"v5-w0-{cid}", will=Will(f"v5/w0/{cid}", b"broke", retain=retain))
+            c.close()
+            m = watch.recv_publish5()
+            assert (m.topic, m.payload, m.retain) == (f"v5/w0/{cid}", b"broke", retain)
+        with client5(b.port, "v5-w0-late", subs=[("v5/w0/#", 0)]) as late:
+            m = late.recv_publish5()
+            assert (m.topic, m.retain) == ("v5/w0/r", True)
+            late.expect_nothing("a Will with Will Retain 0 was retained")
         c = RawClient(b.port)
         c.connect5_ok("v5-w0-b", will=Will("v5/w0/b", b"never"))
         c.send(b"\xe0\x01\x00")  # DISCONNECT, reason 0x00 Normal disconnection
@@ -165,9 +174,9 @@ def test_v5_will_without_delay_is_published_at_once_and_not_after_disconnect_0(b
 
 
 def test_v5_mqtt_4_12_0_1_unknown_authentication_method_is_refused_with_0x8c(brokers):
-    """[MQTT-4.12.0-1] [MQTT-3.1.4-2] [MQTT-3.2.2-7] A CONNECT naming an Authentication Method
+    """[MQTT-4.12.0-1] [MQTT-3.1.4-2] [MQTT-3.2.2-7] [MQTT-3.14.0-1] A CONNECT naming an Authentication Method
     the Server does not support is refused: CONNACK with reason 0x8C Bad authentication method
-    (Session Present 0), then the connection is closed."""
+    (Session Present 0), then the connection is closed, with no DISCONNECT after the CONNACK."""
     b = brokers()
     with RawClient(b.port) as c:
         present, rc, _ = c.connect_v5("v5-auth", props=properties((AUTH_METHOD, "NO-SUCH-METHOD-42")))
@@ -198,3 +207,18 @@ def test_v5_subscription_options_survive_in_the_session(brokers):
         c.send(publish("v5/opts", b"own", 1, 5, props=b"\x00"))
         got = c.until_pingresp()
         assert [parse_reason(p)[0] for p in got] == [5], "own message delivered despite No Local, or no PUBACK"
+
+
+def test_v5_mqtt_3_1_4_3_session_takeover_is_disconnect_0x8e(brokers, mosquitto_deviates):
+    """[MQTT-3.1.4-3] [MQTT-3.1.3-5] [MQTT-3.14.4-1] [MQTT-3.14.4-2] A second connection with a
+    ClientID already connected (1-23 alphanumerics) takes over: the first gets DISCONNECT 0x8E
+    Session taken over, then is closed with nothing after it; the new one is served."""
+    mosquitto_deviates("closes the old connection without the DISCONNECT 0x8E that 3.1.4 says it sends")
+    b = brokers()
+    with RawClient(b.port) as old, RawClient(b.port) as new:
+        old.connect5_ok("v5TakeOver01")
+        new.connect5_ok("v5TakeOver01")
+        pkt = old.recv_packet()
+        assert (pkt.type, parse_reason(pkt)[1]) == (DISCONNECT, 0x8E), describe(pkt.raw)
+        old.expect_closed()
+        assert new.is_open()

@@ -79,7 +79,7 @@ _SLOW = {"PUBLISH with a Subscription Identifier", "PUBLISH over the Server's Ma
 @pytest.mark.parametrize(("what", "data", "reason"),
                          [pytest.param(*c, id=c[0], marks=[pytest.mark.slow] if c[0] in _SLOW else []) for c in CASES])
 def test_v5_mqtt_4_13_1_1_error_closes_with_a_disconnect_reason(brokers, mosquitto_deviates, what, data, reason):
-    """[MQTT-4.13.1-1] [MQTT-4.13.2-1] [MQTT-3.14.4-1] [MQTT-3.14.4-2] [MQTT-3.14.2-2] [MQTT-3.2.2-15]
+    """[MQTT-4.13.1-1] [MQTT-4.13.2-1] [MQTT-3.1.0-2] [MQTT-3.14.4-1] [MQTT-3.14.4-2] [MQTT-3.14.2-2] [MQTT-3.2.2-15]
     A Malformed Packet (0x81), a Protocol Error (0x82) or a packet larger than the Maximum Packet
     Size the Server announced in its CONNACK (0x95) gets a DISCONNECT with that reason code and
     no Session Expiry Interval, then the connection is closed with nothing after it; a

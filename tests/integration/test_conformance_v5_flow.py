@@ -43,15 +43,17 @@ def _publish_all(port: int, messages: list[tuple[str, bytes]], qos: int = 1, pro
 
 
 def test_v5_mqtt_3_3_4_9_receive_maximum_bounds_unacknowledged_publishes(brokers):
-    """[MQTT-3.3.4-9] [MQTT-3.3.4-10] [MQTT-4.9.0-2] [MQTT-4.9.0-3] A Client with Receive Maximum 2 never has more than 2
+    """[MQTT-3.3.4-9] [MQTT-3.3.4-10] [MQTT-4.9.0-2] [MQTT-4.9.0-3] [MQTT-3.12.4-1] [MQTT-2.2.1-4]
+    A Client with Receive Maximum 2 never has more than 2
     unacknowledged QoS 1 PUBLISHes from the Server: of 6 messages it gets 2; a PINGREQ is
     still answered (other packets are not held back); each PUBACK lets one more through, until
-    all 6 came, in order."""
+    all 6 came, in order; unacknowledged ones never share a packet id, and none is 0."""
     b = brokers()
     with client5(b.port, "v5-rm", subs=[("v5/rm", 1)], props=properties((RECEIVE_MAXIMUM, 2))) as c:
         _publish_all(b.port, [("v5/rm", b"%d" % i) for i in range(6)])
         first = [parse_publish(p, v5=True) for p in c.until_pingresp()]
         assert [m.payload for m in first] == [b"0", b"1"], "more than Receive Maximum in flight"
+        assert 0 not in {m.mid for m in first} and len({m.mid for m in first}) == 2
         got = list(first)
         for m in first:
             c.send(puback(m.mid))

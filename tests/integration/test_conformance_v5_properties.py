@@ -53,9 +53,10 @@ _SERVER_SIDE = {MESSAGE_EXPIRY, SUBSCRIPTION_ID, TOPIC_ALIAS}
 @pytest.mark.parametrize("qos", [0, 1, 2])
 def test_v5_mqtt_3_3_2_application_properties_pass_unchanged(brokers, qos):
     """[MQTT-3.3.2-4] [MQTT-3.3.2-15] [MQTT-3.3.2-16] [MQTT-3.3.2-17] [MQTT-3.3.2-18]
-    [MQTT-3.3.2-20] Payload Format Indicator, Content Type, Response Topic, Correlation Data and
+    [MQTT-3.3.2-20] [MQTT-3.3.2-3] [MQTT-3.3.4-1] [MQTT-2.2.1-5] [MQTT-3.3.1-5] Payload Format Indicator, Content Type, Response Topic, Correlation Data and
     User Properties (with a repeated key, in their order) arrive at a 5.0 subscriber exactly as
-    published, at every QoS, live and as the retained message of a later subscription."""
+    published, at every QoS, live and as the retained message of a later subscription; the
+    publisher's QoS 1/2 flow is answered with its Packet Identifier."""
     b = brokers()
     topic = f"v5/props/{qos}"
     with client5(b.port, "v5-props-sub", subs=[(topic, 2)]) as sub, client5(b.port, "v5-props-pub") as p:

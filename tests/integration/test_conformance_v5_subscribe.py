@@ -9,12 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.mqttraw import (
+    DISCONNECT,
+    MAXIMUM_PACKET_SIZE,
     PUBACK,
     PUBLISH,
     REASON_STRING,
     REQUEST_PROBLEM_INFO,
     SUBACK,
     SUBSCRIPTION_ID,
+    TOPIC_ALIAS,
     USER_PROPERTY,
     RawClient,
     client5,
@@ -25,8 +28,11 @@ from tests.mqttraw import (
     props_all,
     puback,
     publish,
+    pubrec,
+    pubrel,
     sub_options,
     subscribe,
+    unsubscribe,
 )
 
 
@@ -78,10 +84,11 @@ def test_v5_mqtt_3_3_1_12_and_3_3_1_13_retain_as_published(brokers):
 
 
 def test_v5_mqtt_3_3_1_9_to_3_3_1_11_retain_handling(brokers):
-    """[MQTT-3.3.1-9] [MQTT-3.3.1-10] [MQTT-3.3.1-11] [MQTT-3.8.4-4] Retain Handling 0 sends
+    """[MQTT-3.3.1-9] [MQTT-3.3.1-10] [MQTT-3.3.1-11] [MQTT-3.8.4-4] [MQTT-3.8.4-3] [MQTT-3.8.4-1]
+    [MQTT-3.8.4-2] [MQTT-2.2.1-6] Retain Handling 0 sends
     the retained message at every subscribe (also when the subscription is replaced), 1 only
     when the subscription is new, 2 never; retained messages sent because of a subscribe come
-    with RETAIN 1."""
+    with RETAIN 1. Each SUBSCRIBE gets its SUBACK with its Packet Identifier."""
     b = brokers()
     _publish(b.port, "v5/rh", b"kept", retain=True)
 
@@ -162,7 +169,7 @@ def test_v5_reason_0x87_not_authorised_on_puback(brokers, tmp_path):
 
 
 def test_v5_reason_0x87_not_authorised_on_suback(brokers, mosquitto_deviates, tmp_path):
-    """[MQTT-3.8.4-6] [MQTT-3.8.4-7] [MQTT-3.9.3-2] A filter the ACL gives no read access to is
+    """[MQTT-3.8.4-5] [MQTT-3.8.4-6] [MQTT-3.8.4-7] [MQTT-3.9.3-1] [MQTT-3.9.3-2] A filter the ACL gives no read access to is
     refused in the SUBACK with 0x87 Not authorized, beside a granted one, one code per filter in
     their order."""
     mosquitto_deviates("grants every SUBSCRIBE and checks read access per message as it delivers")
@@ -189,7 +196,7 @@ def test_v5_mqtt_3_1_2_29_request_problem_information_0(brokers, tmp_path):
 
 
 def test_v5_mqtt_4_8_2_shared_subscription(brokers):
-    """[MQTT-4.8.2-1] [MQTT-4.8.2-2] [MQTT-4.8.2-3] Two v5 clients in one share group
+    """[MQTT-4.8.2-1] [MQTT-4.8.2-2] [MQTT-4.8.2-3] [MQTT-3.8.4-8] Two v5 clients in one share group
     ($share/g/v5/shared) each get some of 20 QoS 1 messages and together every one exactly once,
     each at the QoS its own subscription was granted (1 and 0); a plain subscriber gets all 20."""
     b = brokers()
@@ -216,3 +223,38 @@ def test_v5_mqtt_4_8_2_shared_subscription(brokers):
         assert sorted(shares[0] + shares[1], key=int) == [b"%d" % i for i in range(1, 21)]
         assert shares[0] and shares[1], f"one group member got everything: {[len(s) for s in shares[:2]]}"
         assert len(shares[2]) == 20
+
+
+def test_v5_no_reason_string_or_user_property_beyond_the_maximum_packet_size(brokers, tmp_path):
+    """[MQTT-3.1.2-24] [MQTT-3.2.2-19] [MQTT-3.2.2-20] [MQTT-3.4.2-2] [MQTT-3.4.2-3]
+    [MQTT-3.5.2-2] [MQTT-3.5.2-3] [MQTT-3.6.2-2] [MQTT-3.6.2-3] [MQTT-3.7.2-2] [MQTT-3.7.2-3]
+    [MQTT-3.9.2-1] [MQTT-3.9.2-2] [MQTT-3.11.2-1] [MQTT-3.11.2-2] [MQTT-3.14.2-3] [MQTT-3.14.2-4]
+    A Client with Maximum Packet Size 48 still gets every acknowledgement, refusals included
+    (SUBACK 0x87, PUBACK and PUBREC 0x87, PUBACK 0x10, UNSUBACK for no subscription, PUBCOMP for
+    an unknown packet id, PUBREL of a delivery) and the DISCONNECT for its error, each within 48
+    bytes: a Reason String or User Property that does not fit is left out, not the packet."""
+    b = _acl_brokers(brokers, tmp_path)
+    limit = properties((MAXIMUM_PACKET_SIZE, 48))
+    with client5(b.port, "v5-small-pub") as p, RawClient(b.port) as c:
+        c.connect5_ok("v5-small", props=limit)
+        c.send(subscribe(1, [("v5/open/#", 2), ("v5/secret/#", 1)], props=b"\x00"))
+        c.send(publish("v5/ro/x", b"denied", 1, 2, props=b"\x00"))
+        c.send(publish("v5/ro/y", b"denied", 2, 3, props=b"\x00"))
+        c.send(publish("v5/nobody/x", b"nobody", 1, 4, props=b"\x00"))
+        c.send(unsubscribe(5, ["v5/never/subscribed"], props=b"\x00"))
+        c.send(pubrel(77))
+        expected = {SUBACK: 1, PUBACK: 2, 5: 1, 11: 1, 7: 1}  # SUBACK, PUBACKs, PUBREC, UNSUBACK, PUBCOMP
+        got = [c.recv_packet() for _ in range(sum(expected.values()))]
+        assert sorted(pkt.type for pkt in got) == sorted(t for t, n in expected.items() for _ in range(n)), \
+            [describe(pkt.raw) for pkt in got]
+        p.send(publish("v5/open/q2", b"two", 2, 1, props=b"\x00"))
+        assert p.recv_packet().type == 5  # PUBREC; a broker may hold the message until the PUBREL
+        p.send(pubrel(1))
+        m = c.recv_publish5()
+        c.send(pubrec(m.mid))
+        got.append(c.recv_packet())  # the PUBREL
+        c.send(publish("v5/open/x", b"x", 0, props=properties((TOPIC_ALIAS, 0xFFFF))))  # an error: DISCONNECT
+        got.append(c.recv_packet())
+        assert got[-1].type == DISCONNECT, describe(got[-1].raw)
+        too_big = [describe(pkt.raw) for pkt in got if len(pkt.raw) > 48]
+        assert not too_big, f"packets over the client's Maximum Packet Size 48: {too_big}"
