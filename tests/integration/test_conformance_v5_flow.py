@@ -137,7 +137,7 @@ def test_v5_mqtt_3_3_2_12_topic_alias_from_the_client(brokers):
 
 @pytest.mark.parametrize("bad", ["over the maximum", "zero"])
 def test_v5_mqtt_3_3_2_9_invalid_topic_alias_is_disconnect_0x94(brokers, mosquitto_deviates, bad):
-    """[MQTT-3.3.2-12] [MQTT-3.3.2-8] [MQTT-4.13.1-1] A Topic Alias above the Server's Topic
+    """[MQTT-3.3.2-12] [MQTT-3.3.2-8] [MQTT-3.3.2-9] [MQTT-4.13.1-1] A Topic Alias above the Server's Topic
     Alias Maximum, or 0, is "Topic Alias invalid": DISCONNECT 0x94, then the connection is
     closed, and the message is not delivered."""
     if bad == "zero":
@@ -185,3 +185,22 @@ def test_v5_mqtt_3_3_2_6_live_message_keeps_its_expiry_interval(brokers):
         a, n = c.recv_publish5(), c.recv_publish5()
         assert 0 < prop(a.props, MESSAGE_EXPIRY, 0) <= 30
         assert prop(n.props, MESSAGE_EXPIRY) is None
+
+
+def test_v5_mqtt_3_3_4_7_client_over_the_receive_maximum_is_disconnect_0x93(brokers, mosquitto_deviates):
+    """[MQTT-3.3.4-7] A Client that sends more unacknowledged QoS 2 PUBLISHes than the Server's
+    Receive Maximum (from its CONNACK, 65535 when absent) breaks the flow control: DISCONNECT
+    0x93 Receive Maximum exceeded, then the connection is closed."""
+    mosquitto_deviates("answers the excess PUBLISH with PUBREC 0x97 Quota exceeded and keeps the connection")
+    b = brokers()
+    with RawClient(b.port) as c:
+        window = prop(c.connect5_ok("v5-rmx"), RECEIVE_MAXIMUM, 65535)
+        if window > 1000:
+            pytest.fail(f"Receive Maximum {window}: too large to exceed in a test")
+        for mid in range(1, window + 2):  # no PUBREL: every one stays unacknowledged
+            c.send(publish("v5/rmx", b"x", 2, mid, props=b"\x00"))
+        got = [c.recv_packet() for _ in range(window)]
+        assert [p.type for p in got] == [5] * window, [describe(p.raw) for p in got]  # PUBREC each
+        pkt = c.recv_packet()
+        assert (pkt.type, parse_reason(pkt)[1]) == (DISCONNECT, 0x93), describe(pkt.raw)
+        assert c.closed_within(10)
