@@ -163,6 +163,8 @@ class MqttConfig:
     # Reconnect backoff: doubles from the first delay up to the cap, with random jitter.
     reconnect_min: float = field(default=0.5, metadata=_range(0.05, 60))
     reconnect_max: float = field(default=30.0, metadata=_range(0.1, 3600))
+    # The MQTT version the daemons (and iotctl's default -V) speak: "3.1.1", or "5" for MQTT 5.0.
+    protocol: str = field(default="3.1.1", metadata=_choices("3.1.1", "5"))
 
     def read_password(self) -> str | None:
         if self.password_file is not None:

@@ -19,6 +19,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
 from . import config as configmod
 from .broker.topics import InvalidTopic, validate_topic_filter, validate_topic_name
 from .mqttclient import MqttClient
@@ -32,6 +35,84 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2; ours say 64 like the daemons
         self.print_usage(sys.stderr)
         self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+# -V as mosquitto_pub/sub take it -> [mqtt] protocol's names
+_VERSIONS = {"5": "5", "mqttv5": "5", "311": "3.1.1", "mqttv311": "3.1.1", "31": "3.1", "mqttv31": "3.1"}
+
+# -D identifiers (mosquitto_pub/sub's names) -> paho's property name and the value's kind: an
+# integer range, "str" (UTF-8 string), "bin" (binary data: the argument's UTF-8 bytes, as
+# mosquitto takes it) or "pair" (user-property KEY VALUE).
+_PROPERTIES: dict[str, tuple[str, tuple[int, int] | str]] = {
+    "content-type": ("ContentType", "str"),
+    "correlation-data": ("CorrelationData", "bin"),
+    "maximum-packet-size": ("MaximumPacketSize", (1, 2**32 - 1)),
+    "message-expiry-interval": ("MessageExpiryInterval", (0, 2**32 - 1)),
+    "payload-format-indicator": ("PayloadFormatIndicator", (0, 1)),
+    "receive-maximum": ("ReceiveMaximum", (1, 0xFFFF)),
+    "request-problem-information": ("RequestProblemInformation", (0, 1)),
+    "request-response-information": ("RequestResponseInformation", (0, 1)),
+    "response-topic": ("ResponseTopic", "str"),
+    "session-expiry-interval": ("SessionExpiryInterval", (0, 2**32 - 1)),
+    "topic-alias": ("TopicAlias", (1, 0xFFFF)),
+    "topic-alias-maximum": ("TopicAliasMaximum", (0, 0xFFFF)),
+    "user-property": ("UserProperty", "pair"),
+}
+# What each packet may carry (MQTT 5.0 section 3, as mosquitto_pub/sub list them).
+_COMMANDS = {
+    "connect": ("maximum-packet-size", "receive-maximum", "request-problem-information",
+                "request-response-information", "session-expiry-interval", "topic-alias-maximum", "user-property"),
+    "publish": ("content-type", "correlation-data", "message-expiry-interval", "payload-format-indicator",
+                "response-topic", "topic-alias", "user-property"),
+    "subscribe": ("user-property",),
+    "disconnect": ("session-expiry-interval", "user-property"),
+}
+_PACKETS = {"connect": PacketTypes.CONNECT, "publish": PacketTypes.PUBLISH, "subscribe": PacketTypes.SUBSCRIBE,
+            "disconnect": PacketTypes.DISCONNECT}
+
+
+def v5_properties(defs: Sequence[Sequence[str]], commands: Sequence[str]) -> dict[str, Properties]:
+    """The -D arguments (each [COMMAND, IDENTIFIER, VALUE...]) as paho Properties per packet.
+    Raises ValueError saying what is wrong, for the user."""
+    out: dict[str, Properties] = {}
+    for d in defs:
+        if len(d) < 3:
+            raise ValueError(f"-D {' '.join(d)}: expected COMMAND IDENTIFIER VALUE")
+        command, ident, *values = d
+        if command not in commands:
+            raise ValueError(f"-D {command}: unknown command (one of: {', '.join(commands)})")
+        if ident not in _COMMANDS[command]:
+            raise ValueError(f"-D {command} {ident}: not a property of {command} "
+                             f"(one of: {', '.join(_COMMANDS[command])})")
+        name, kind = _PROPERTIES[ident]
+        want = 2 if kind == "pair" else 1
+        if len(values) != want:
+            raise ValueError(f"-D {command} {ident}: expected {'KEY VALUE' if want == 2 else 'one VALUE'}, "
+                             f"got {len(values)} argument{'s' if len(values) != 1 else ''}")
+        if isinstance(kind, tuple):
+            lo, hi = kind
+            try:
+                value: object = int(values[0])
+            except ValueError:
+                value = None
+            if value is None or not lo <= value <= hi:
+                raise ValueError(f"-D {command} {ident}: {values[0]!r} is not an integer {lo}-{hi}")
+        elif kind == "bin":
+            value = values[0].encode()
+        elif kind == "pair":
+            value = (values[0], values[1])
+        else:
+            value = values[0]
+        if ident == "response-topic":
+            try:
+                validate_topic_name(values[0])
+            except InvalidTopic as e:
+                raise ValueError(f"-D {command} {ident}: {values[0]!r} is not a topic name: {e}") from None
+        props = out.setdefault(command, Properties(_PACKETS[command]))
+        if kind != "pair" and hasattr(props, name):
+            raise ValueError(f"-D {command} {ident}: given twice")
+        setattr(props, name, value)  # user-property: paho appends each pair
+    return out
 
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
@@ -51,6 +132,24 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
                    help="persistent session: the broker keeps subscriptions and queued messages")
     g.add_argument("--config", metavar="FILE", help="config file for defaults")
     g.add_argument("-d", "--debug", action="store_true", help="log connection events (and SUBACK) on stderr")
+    g.add_argument("-V", "--protocol-version", choices=list(_VERSIONS), metavar="5|311|31",
+                   help="MQTT version: 5, 311 or 31 (default: [mqtt] protocol, 3.1.1)")
+    g.add_argument("-D", "--property", nargs="+", action="append", default=[], metavar="ARG",
+                   help="an MQTT 5.0 property: COMMAND IDENTIFIER VALUE, as mosquitto's -D "
+                        "(e.g. -D publish user-property KEY VALUE, -D connect session-expiry-interval 60)")
+
+
+def _protocol_args(args: argparse.Namespace, commands: Sequence[str]) -> None:
+    """Settle -V (default: [mqtt] protocol) and check -D against it: a usage error (exit 64)
+    before anything is read or sent."""
+    args.protocol = _VERSIONS[args.protocol_version] if args.protocol_version else \
+        configmod.load(args.config).mqtt.protocol
+    if args.property and args.protocol != "5":
+        args.parser.error(f"-D needs MQTT 5.0 (-V 5); this connection is MQTT {args.protocol}")
+    try:
+        args.v5_properties = v5_properties(args.property, commands)
+    except ValueError as e:
+        args.parser.error(str(e))
 
 
 def _client(args: argparse.Namespace, log: Log, **kw) -> MqttClient:
@@ -69,7 +168,8 @@ def _client(args: argparse.Namespace, log: Log, **kw) -> MqttClient:
         cfg = dataclasses.replace(cfg, **changes)
     cid = args.id or f"{cfg.client_id_prefix}-ctl-{os.getpid()}-{socket.gethostname()}"[:64]
     return MqttClient(cfg, cid, log=log, host=args.host, port=args.port, retry=False,
-                      clean_session=not args.disable_clean_session, **kw)
+                      clean_session=not args.disable_clean_session, protocol=args.protocol,
+                      properties={k: v for k, v in args.v5_properties.items() if k != "publish"}, **kw)
 
 
 def _connect(client: MqttClient, timeout: float) -> bool:
@@ -92,6 +192,7 @@ def _valid(check, topic: str) -> bool:
 
 
 def cmd_pub(args: argparse.Namespace, log: Log) -> int:
+    _protocol_args(args, ("connect", "publish", "disconnect"))
     if not _valid(validate_topic_name, args.topic):
         return EX_USAGE
     if args.file is not None:
@@ -111,7 +212,7 @@ def cmd_pub(args: argparse.Namespace, log: Log) -> int:
     if not _connect(client, args.timeout):
         return EX_FAIL
     try:
-        info = client.publish(args.topic, payload, args.qos, args.retain)
+        info = client.publish(args.topic, payload, args.qos, args.retain, args.v5_properties.get("publish"))
         info.wait_for_publish(args.timeout)
         if not info.is_published():
             what = {0: "sent", 1: "acknowledged (PUBACK)", 2: "completed (PUBCOMP)"}[args.qos]
@@ -123,6 +224,7 @@ def cmd_pub(args: argparse.Namespace, log: Log) -> int:
 
 
 def cmd_sub(args: argparse.Namespace, log: Log) -> int:
+    _protocol_args(args, ("connect", "subscribe", "disconnect"))
     if not all(_valid(validate_topic_filter, t) for t in args.topic):
         return EX_USAGE
     inbox: queue.Queue = queue.Queue()
@@ -172,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("-n", "--null-message", action="store_true", help="empty payload (clears a retained message)")
     p.add_argument("-r", "--retain", action="store_true", help="ask the broker to retain it")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for connection and ack (default 10)")
-    p.set_defaults(func=cmd_pub)
+    p.set_defaults(func=cmd_pub, parser=p)
 
     p = sub.add_parser("sub", add_help=False, help="print messages (like mosquitto_sub)",
                        description="Subscribe and print each message's payload, one per line.")
@@ -184,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-R", "--no-retained", action="store_true", help="skip retained (stale) messages")
     p.add_argument("-N", "--no-newline", action="store_true", help="do not add a newline after each payload")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the connection (default 10)")
-    p.set_defaults(func=cmd_sub)
+    p.set_defaults(func=cmd_sub, parser=p)
 
     from . import supervise  # noqa: PLC0415 - only `up`/`status` need it
 

@@ -9,6 +9,10 @@ with jitter and hand it to paho with `reconnect_delay_set(d, d)`.
 Subscriptions are remembered and sent again on every successful CONNACK, so a broker that
 lost our session (restart without persistence, or a clean session) still delivers to us.
 
+MQTT 5.0 (`[mqtt] protocol = "5"`, or `protocol=` here): a clean session becomes Clean Start 1
+at every connect, a persistent one Clean Start 0 with a Session Expiry Interval that never ends
+(as mosquitto_sub -c does) unless the connect properties set one.
+
 Callbacks run in paho's thread. A daemon that acknowledges only once a message is durable
 (`manual_ack=True`) takes its messages from `client.inbox` and acknowledges them with
 `client.ack(deliveries)`: that is the one manual-ack path of the project (see `Inbox`).
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 import paho.mqtt.client as paho
 from paho.mqtt import __version__ as paho_version  # noqa: F401 - daemons log the paho they run
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from . import mqtttune
 from .config import MqttConfig
@@ -43,6 +49,10 @@ class Will:
 class MqttError(Exception):
     pass
 
+
+# [mqtt] protocol (and iotctl -V) -> paho's protocol constant
+PROTOCOLS = {"3.1": paho.MQTTv31, "3.1.1": paho.MQTTv311, "5": paho.MQTTv5}
+NEVER_EXPIRES = 0xFFFFFFFF  # Session Expiry Interval: the session outlives every disconnect
 
 # (epoch, message): a message as the inbox hands it out, with the connection it came on.
 Delivery = tuple[int, paho.MQTTMessage]
@@ -168,7 +178,11 @@ class MqttClient:
         max_inflight: int = 20,
         tune_receiver: bool = False,
         inbox_limit: int = 10_000,
+        protocol: str | None = None,
+        properties: dict[str, Properties] | None = None,
     ):
+        """`protocol`: "3.1", "3.1.1" or "5" (default: `cfg.protocol`). `properties`: MQTT 5.0
+        properties for the "connect", "subscribe" and "disconnect" packets."""
         self.cfg, self.log, self.retry = cfg, log, retry
         self.host = host or cfg.host
         self.port = port or cfg.port
@@ -185,12 +199,20 @@ class MqttClient:
         self.last_error: str | None = None
         # manual_ack: messages go to the inbox (not to on_message) and are acknowledged by ack().
         self.inbox: Inbox | None = Inbox(inbox_limit) if manual_ack else None
+        self.protocol = protocol or cfg.protocol
+        self.v5 = self.protocol == "5"
+        self._props = dict(properties or {})
+        self._clean_start = clean_session
+        if self.v5:
+            connect_props = self._props.setdefault("connect", Properties(PacketTypes.CONNECT))
+            if not clean_session and not hasattr(connect_props, "SessionExpiryInterval"):
+                connect_props.SessionExpiryInterval = NEVER_EXPIRES
 
         c = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            clean_session=clean_session,
-            protocol=paho.MQTTv311,
+            clean_session=None if self.v5 else clean_session,  # 5.0: Clean Start, at connect
+            protocol=PROTOCOLS[self.protocol],
             manual_ack=manual_ack,
             reconnect_on_failure=retry,
         )
@@ -225,7 +247,11 @@ class MqttClient:
 
     def start(self) -> None:
         """Begin connecting in the background; returns at once."""
-        self.paho.connect_async(self.host, self.port, self.cfg.keepalive)
+        if self.v5:
+            self.paho.connect_async(self.host, self.port, self.cfg.keepalive, clean_start=self._clean_start,
+                                    properties=self._props["connect"])
+        else:
+            self.paho.connect_async(self.host, self.port, self.cfg.keepalive)
         self.paho.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
@@ -244,14 +270,15 @@ class MqttClient:
         self._stopping = True
         if self.inbox is not None:
             self.inbox.close()  # paho's thread may wait for room in it; loop_stop() joins that thread
-        self.paho.disconnect()
+        self.paho.disconnect(properties=self._props.get("disconnect"))
         self.paho.loop_stop()
         self._connected.clear()
 
     # traffic ---------------------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> paho.MQTTMessageInfo:
-        return self.paho.publish(topic, payload, qos, retain)
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
+                properties: Properties | None = None) -> paho.MQTTMessageInfo:
+        return self.paho.publish(topic, payload, qos, retain, properties)
 
     def subscribe(self, topic: str, qos: int) -> None:
         self._subs[topic] = qos
@@ -310,7 +337,7 @@ class MqttClient:
         # SUBSCRIBE is queued before anyone is told we are connected, so nothing a waiting
         # thread publishes next can overtake it on the wire.
         if self._subs:
-            client.subscribe(list(self._subs.items()))
+            client.subscribe(list(self._subs.items()), properties=self._props.get("subscribe"))
         self._connected.set()
         self._settled.set()
         if self._on_connect_cb:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,3 +114,46 @@ def mariadb(tmp_path: Path):
     m = MariaDB(tmp_path / "mariadb").start()
     yield m
     m.stop()
+
+
+class BrokerUnderTest:
+    """What `brokers` started: `kind` is "ours" or "mosquitto", `port` where it listens, `proc`
+    its process (its log, whether it runs)."""
+
+    def __init__(self, kind: str, port: int, proc: Proc):
+        self.kind, self.port, self.proc = kind, port, proc
+
+
+@pytest.fixture(params=["ours", "mosquitto"])
+def brokers(request, tmp_path: Path):
+    """Start ours, then (second parameter) Mosquitto 2 as the reference, each with its own
+    config lines meaning the same thing: `brokers(ours="max_packet_size = 200\\n",
+    mosquitto="max_packet_size 200\\n")` returns a BrokerUnderTest. For a point where
+    Mosquitto deviates from the specification, the `mosquitto_deviates` fixture marks the Mosquitto
+    parameter xfail (strict: it fails once Mosquitto conforms)."""
+    kind = request.param
+
+    def start(ours: str = "", mosquitto: str = "") -> BrokerUnderTest:
+        if kind == "ours":
+            b = request.getfixturevalue("broker_factory")(ours)
+            return BrokerUnderTest(kind, b.port, b.proc)
+        if os.geteuid() == 0:  # as root Mosquitto drops to "mosquitto", who cannot read pytest's folders
+            mosquitto += "user root\n"
+        m = Mosquitto(tmp_path, conf=mosquitto).start()
+        request.addfinalizer(m.stop)
+        return BrokerUnderTest(kind, m.port, m.proc)
+
+    start.kind = kind
+    return start
+
+
+@pytest.fixture
+def mosquitto_deviates(request):
+    """`mosquitto_deviates(reason)`: expect the Mosquitto parameter of this test to fail, for
+    `reason` (Mosquitto's own behaviour on a point of the specification); ours must pass."""
+
+    def deviates(reason: str) -> None:
+        if request.node.callspec.params.get("brokers") == "mosquitto":
+            request.applymarker(pytest.mark.xfail(reason=f"Mosquitto 2.0.11: {reason}", strict=True))
+
+    return deviates

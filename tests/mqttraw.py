@@ -222,6 +222,13 @@ def auth(reason: int = 0x18, props: bytes | None = None) -> bytes:
 
 # --- MQTT 5.0 properties (section 2.2.2.2) -------------------------------------------------------
 
+# property identifiers (section 2.2.2.2 Table 2.4), for tests to name what they send and read
+PAYLOAD_FORMAT, MESSAGE_EXPIRY, CONTENT_TYPE, RESPONSE_TOPIC, CORRELATION_DATA = 1, 2, 3, 8, 9
+SUBSCRIPTION_ID, SESSION_EXPIRY, ASSIGNED_CLIENT_ID, AUTH_METHOD, AUTH_DATA = 11, 17, 18, 21, 22
+REQUEST_PROBLEM_INFO, WILL_DELAY, RESPONSE_INFORMATION, REASON_STRING = 23, 24, 26, 31
+RECEIVE_MAXIMUM, TOPIC_ALIAS_MAXIMUM = 33, 34
+TOPIC_ALIAS, USER_PROPERTY, MAXIMUM_PACKET_SIZE = 35, 38, 39
+
 # identifier -> type: b Byte, h Two Byte Integer, i Four Byte Integer, v Variable Byte Integer,
 # s UTF-8 string, d Binary Data, p UTF-8 string pair (section 2.2.2.2 Table 2.4)
 PROPERTY_TYPES = {
@@ -365,6 +372,8 @@ def parse_publish(pkt: Packet, v5: bool = False) -> Pub:
 def parse_connack(pkt: Packet) -> tuple[bool, int, list[tuple[int, object]]]:
     """A 5.0 CONNACK: (session present, reason code, properties)."""
     assert pkt.type == CONNACK, f"expected a CONNACK, got {describe(pkt.raw)}"
+    if len(pkt.body) == 2:  # the 3.1.1 form (a broker refusing 5.0 with return code 1)
+        return bool(pkt.body[0] & 1), pkt.body[1], []
     props, _ = parse_properties(pkt.body, 2)
     return bool(pkt.body[0] & 1), pkt.body[1], props
 
@@ -627,6 +636,28 @@ class RawClient:
             self.expect(pubcomp(mid), what=f"PUBCOMP for {topic!r}")
         return self
 
+    def connect_v5(self, client_id: str = "", clean: bool = True, keepalive: int = 60,
+                   props: bytes = b"\x00", **kw) -> tuple[bool, int, list[tuple[int, object]]]:
+        """Send a 5.0 CONNECT; return its CONNACK as (session present, reason code, properties)."""
+        self.send(connect(client_id, clean, keepalive, proto_level=5, props=props, **kw))
+        return parse_connack(self.recv_packet())
+
+    def connect5_ok(self, client_id: str = "", clean: bool = True, keepalive: int = 60,
+                    session_present: bool = False, **kw) -> list[tuple[int, object]]:
+        """A 5.0 CONNECT that must be accepted (reason 0x00) with this Session Present; the
+        CONNACK's properties."""
+        present, rc, props = self.connect_v5(client_id, clean, keepalive, **kw)
+        assert (rc, present) == (0, session_present), \
+            f"CONNACK for {client_id!r}: reason {rc:#04x}, session present {int(present)}; properties {props}"
+        return props
+
+    def recv_publish5(self, timeout: float = DEFAULT_TIMEOUT) -> Pub:
+        """The next packet, which must be a PUBLISH, read with its 5.0 properties."""
+        pkt = self.recv_packet(timeout)
+        if pkt.type != PUBLISH:
+            raise AssertionError(f"expected a PUBLISH, got {describe(pkt.raw)}")
+        return parse_publish(pkt, v5=True)
+
     def disconnect(self) -> None:
         """Send DISCONNECT and close our side."""
         try:
@@ -634,6 +665,29 @@ class RawClient:
         except OSError:
             pass
         self.close()
+
+
+def prop(props, ident: int, default: object = None) -> object:
+    """The value of the first property `ident` in a parsed property list, or `default`."""
+    return next((v for i, v in props if i == ident), default)
+
+
+def props_all(props, ident: int) -> list[object]:
+    """Every value of property `ident`, in order (User Property, Subscription Identifier)."""
+    return [v for i, v in props if i == ident]
+
+
+def client5(port: int, client_id: str = "", clean: bool = True, subs: list[tuple[str, int]] | None = None,
+            sub_props: bytes = b"\x00", session_present: bool = False, **kw) -> RawClient:
+    """A RawClient connected with MQTT 5.0 (CONNACK 0x00), optionally subscribed (`subs` are
+    (filter, subscription options byte) pairs; each granted QoS must be the requested one)."""
+    c = RawClient(port)
+    c.connect5_ok(client_id, clean, session_present=session_present, **kw)
+    if subs:
+        c.send(subscribe(1, subs, props=sub_props))
+        mid, codes, _ = parse_reason(c.recv_packet())
+        assert (mid, codes) == (1, [o & 3 for _, o in subs]), f"SUBACK for {subs}: {codes}"
+    return c
 
 
 def collect_publishes(clients: list[RawClient]) -> list[list[Pub]]:

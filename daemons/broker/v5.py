@@ -226,10 +226,13 @@ class Handlers:
 
     def _publish_v5(self, conn, pkt: PublishV5) -> bool:
         client: Client = conn.v5
-        topic = client.topic_for(pkt.properties.topic_alias, pkt.topic)
+        alias = pkt.properties.topic_alias
+        topic = client.topic_for(alias, pkt.topic)
         if topic is None:
-            self._protocol_error(conn, R.TOPIC_ALIAS_INVALID,
-                                 f"Topic Alias {pkt.properties.topic_alias} is unknown or above {client.our_alias_max}")
+            if alias > client.our_alias_max:  # 0 is refused by the codec, with 0x94 too
+                self._protocol_error(conn, R.TOPIC_ALIAS_INVALID, f"Topic Alias {alias} is above {client.our_alias_max}")
+            else:  # an alias with no topic mapped on this connection (section 3.3.2.3.4)
+                self._protocol_error(conn, R.PROTOCOL_ERROR, f"Topic Alias {alias} has no topic on this connection")
             return True
         if topic is not pkt.topic:
             pkt = replace(pkt, topic=topic)

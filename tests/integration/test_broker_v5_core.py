@@ -109,8 +109,11 @@ def test_disconnect_reason_codes_before_the_close(broker_factory):
     c.send(raw.publish("t", b"x" * 2000))
     assert disconnect_reason(c) == 0x95
     c = connect5(b.port, "alias")
-    c.send(raw.publish("", b"x", props=raw.properties((TOPIC_ALIAS, 1))))
+    c.send(raw.publish("", b"x", props=raw.properties((TOPIC_ALIAS, 3))))  # above our maximum of 2
     assert disconnect_reason(c) == 0x94
+    c = connect5(b.port, "alias-unknown")
+    c.send(raw.publish("", b"x", props=raw.properties((TOPIC_ALIAS, 1))))  # within it, but never set
+    assert disconnect_reason(c) == 0x82
     c = connect5(b.port, "malformed")
     c.send(raw.frame(0x30, raw.string("t") + b"\x02\x7f\x00"))  # property 0x7F does not exist
     assert disconnect_reason(c) == 0x81

@@ -135,3 +135,47 @@ def test_tls_and_password_from_config(tmp_path):
         c.stop()
     finally:
         m.stop()
+
+
+def test_protocol_5_from_config_keeps_a_persistent_session_and_acks_by_hand(mosquitto):
+    """[mqtt] protocol = "5": a daemon's client speaks MQTT 5.0. Its persistent session
+    (clean_session=False: Clean Start 0 and a Session Expiry that never ends) outlives a stop:
+    the message published meanwhile comes through the manual-ack inbox on return, with Session
+    Present 1, and once acknowledged it is not sent again."""
+    import dataclasses  # noqa: PLC0415
+
+    v5 = dataclasses.replace(cfg(mosquitto.port), protocol="5")
+    connacks: list[bool] = []
+
+    def consumer() -> MqttClient:
+        c = MqttClient(v5, "v5-consumer", log=LOG, clean_session=False, manual_ack=True,
+                       subscriptions=[("v5c/#", 1)], on_connect=connacks.append)
+        c.start()
+        assert c.wait_connected(10) and c.subscribed.wait(5)
+        return c
+
+    c = consumer()
+    assert c.paho.protocol == 5
+    c.stop()
+    p = publisher(mosquitto.port)
+    p.publish("v5c/a", b"while away", 1).wait_for_publish(5)
+    p.stop()
+    c = consumer()
+    try:
+        assert connacks == [False, True]
+        assert c.inbox.wait(10)
+        got = c.inbox.take(10)
+        assert [m.payload for _, m in got] == [b"while away"]
+        assert c.ack(got) == 1
+    finally:
+        c.stop()
+    c = consumer()
+    try:
+        p = publisher(mosquitto.port)
+        p.publish("v5c/b", b"marker", 1).wait_for_publish(5)
+        p.stop()
+        assert c.inbox.wait(10)
+        # A redelivery would have been sent at the CONNACK, before the marker.
+        assert [m.payload for _, m in c.inbox.take(10)][:1] == [b"marker"], "an acknowledged message came again"
+    finally:
+        c.stop()

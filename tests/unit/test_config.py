@@ -128,6 +128,8 @@ def test_relative_paths_resolve_against_the_files_folder(tmp_path):
         ("[broker]\nallow_zero_length_clientid = 1\n", "[broker] allow_zero_length_clientid", "expected true or false"),
         ("[mqtt]\nhost = 5\n", "[mqtt] host", "expected a string"),
         ("[mqtt]\nkeepalive = 1\n", "[mqtt] keepalive", "from 5 to 65535"),
+        ('[mqtt]\nprotocol = "3.1"\n', "[mqtt] protocol", "3.1.1"),
+        ("[mqtt]\nprotocol = 5\n", "[mqtt] protocol", "expected a string"),
         ("[broker]\nconnect_timeout = -1.5\n", "[broker] connect_timeout", "expected a number"),
         ("[broker]\nconnect_timeout = nan\n", "[broker] connect_timeout", "from 0.1 to 3600, got nan"),
         ("[factory]\n[[factory.device]]\nname = \"m\"\n[[factory.device.sensor]]\nname = \"t\"\nhysteresis = nan\n",

@@ -165,7 +165,7 @@ def test_retained_message_expires():
     assert s2.packets() == [] and len(b.retained) == 0
 
 
-def test_topic_alias_incoming_and_invalid_alias_disconnects_0x94():
+def test_topic_alias_incoming_unknown_alias_0x82_above_the_maximum_0x94():
     b = Broker(Log("t"), Limits(max_topic_alias=2))
     s, _ = connect5(b, "s")
     sub5(b, s, Subscription("long/topic", 0))
@@ -173,9 +173,9 @@ def test_topic_alias_incoming_and_invalid_alias_disconnects_0x94():
     b.handle(pub, p5.PublishV5("long/topic", b"1", 0, properties=Properties(topic_alias=1)))
     b.handle(pub, p5.PublishV5("", b"2", 0, properties=Properties(topic_alias=1)))
     assert [(m.topic, m.payload) for m in s.packets()] == [("long/topic", b"1"), ("long/topic", b"2")]
-    b.handle(pub, p5.PublishV5("", b"3", 0, properties=Properties(topic_alias=2)))  # never set
+    b.handle(pub, p5.PublishV5("", b"3", 0, properties=Properties(topic_alias=2)))  # never set: a protocol error
     [d] = pub.packets()
-    assert d.reason_code == R.TOPIC_ALIAS_INVALID and pub.closed
+    assert d.reason_code == R.PROTOCOL_ERROR and pub.closed
     pub2, _ = connect5(b, "pub2")
     b.handle(pub2, p5.PublishV5("x", b"", 0, properties=Properties(topic_alias=3)))  # above our maximum
     assert pub2.packets()[0].reason_code == R.TOPIC_ALIAS_INVALID
