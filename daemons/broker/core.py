@@ -186,8 +186,10 @@ class NoStore:
 
     bytes = 0
 
-    def ack(self, conn, data: bytes, durable: bool) -> None:
+    def ack(self, conn, data: bytes, durable: bool, then=None) -> None:
         conn.send(data)
+        if then is not None:
+            then()
 
     def mark(self) -> int:
         return 0
@@ -563,8 +565,9 @@ class Broker(v5.Handlers):
             if share is None:  # no retained messages on a shared subscription [MQTT-4.8.2]
                 accepted.append((topic_filter, qos))
         self._save_subscriptions(session)
-        self.store.ack(conn, encode(Suback(pkt.packet_id, tuple(codes))), session.sid is not None)
-        self._send_retained(session, accepted)
+        # Retained messages follow the SUBACK, also when it waits for the store's commit.
+        self.store.ack(conn, encode(Suback(pkt.packet_id, tuple(codes))), session.sid is not None,
+                       (lambda: self._send_retained(session, accepted)) if accepted else None)
 
     def _send_retained(self, session: Session, accepted: list[tuple[str, int]]) -> None:
         """Retained messages follow the SUBACK, with the retain flag set [MQTT-3.3.1-6, -8]."""

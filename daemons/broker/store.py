@@ -134,7 +134,7 @@ class Store:
     def __init__(self, path: Path, log, loop, quota: int, failpoint: str = ""):
         self.path, self.log, self.loop, self.quota = path, log, loop, quota
         self.ops: list = []  # (sql, params) or None (cancelled)
-        self.releases: list = []  # (conn, bytes) sent once this batch is committed
+        self.releases: list = []  # (conn, bytes, then) sent once this batch is committed
         self.reads: list = []  # (sid, after_seq, limit, callback)
         self.pending_msg: dict[int, int] = {}  # seq -> index in ops of its insert
         self.unreleased: dict = {}  # conn -> acknowledgements of it waiting for a commit
@@ -352,15 +352,18 @@ class Store:
     def mark(self) -> int:
         return len(self.ops)
 
-    def ack(self, conn, data: bytes, durable: bool) -> None:
+    def ack(self, conn, data: bytes, durable: bool, then=None) -> None:
         """Send an acknowledgement now, or after the current batch is committed when it
-        depends on it (`durable`) or an earlier one to the same connection still waits."""
+        depends on it (`durable`) or an earlier one to the same connection still waits; `then()`
+        right after it is sent (the retained messages that follow a SUBACK)."""
         n = self.unreleased.get(conn, 0)
         if not durable and not n:
             conn.send(data)
+            if then is not None:
+                then()
             return
         self.unreleased[conn] = n + 1
-        self.releases.append((conn, data))
+        self.releases.append((conn, data, then))
         if not self.scheduled:
             self.scheduled = True
             self.loop.call_soon(self.flush)
@@ -404,13 +407,15 @@ class Store:
 
     def _release(self, releases: list) -> None:
         unreleased = self.unreleased
-        for conn, data in releases:
+        for conn, data, then in releases:
             n = unreleased[conn] - 1
             if n:
                 unreleased[conn] = n
             else:
                 del unreleased[conn]
             conn.send(data)
+            if then is not None:
+                then()
 
     # the writer thread -------------------------------------------------------------------------
 

@@ -277,8 +277,8 @@ class Handlers:
             if share is None and (sub.retain_handling == 0 or (sub.retain_handling == 1 and new)):
                 accepted.append((f, sub.qos))
         self._save_subscriptions(session)
-        self.store.ack(conn, encode(SubackV5(pkt.packet_id, tuple(codes))), session.sid is not None)
-        self._send_retained(session, accepted)
+        self.store.ack(conn, encode(SubackV5(pkt.packet_id, tuple(codes))), session.sid is not None,
+                       (lambda: self._send_retained(session, accepted)) if accepted else None)
 
     def _unsubscribe_v5(self, conn, pkt: UnsubscribeV5) -> None:
         session = conn.session

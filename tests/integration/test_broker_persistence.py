@@ -238,3 +238,24 @@ def test_a_garbled_store_does_not_stop_the_broker(broker_factory, tmp_path):
         with raw.RawClient(b.port) as p:
             p.connect_ok("pub2").publish_ok("g/x", b"after", 1)
         assert c.recv_publish().payload == b"after"
+
+
+def test_retained_messages_follow_the_suback_of_a_persistent_session(broker_factory):
+    """The SUBACK of a persistent session waits for the store's commit; the retained messages
+    the subscription brings must still come after it, not overtake it."""
+    b = broker_factory("sys_interval = 0\n")
+    with raw.RawClient(b.port) as p:
+        p.connect_ok("pub")
+        for i in range(20):
+            p.publish_ok(f"r/{i}", b"v%d" % i, 1, mid=i + 1, retain=True)
+        p.disconnect()
+    for client_id, clean in (("keeper", False), ("passer", True)):
+        with raw.RawClient(b.port) as c:
+            c.connect_ok(client_id, clean=clean)
+            c.send(raw.subscribe(7, [("r/#", 1)]))
+            first = c.recv_packet()
+            assert (first.type, first.body) == (raw.SUBACK, b"\x00\x07\x01"), raw.describe(first.raw)
+            pubs = [c.recv_publish() for _ in range(20)]
+            assert sorted(p.payload for p in pubs) == sorted(b"v%d" % i for i in range(20))
+            assert all(p.retain for p in pubs)
+            c.disconnect()
