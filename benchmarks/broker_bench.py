@@ -34,6 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import cpu_seconds, free_port, machine, rss_kib, write_section  # noqa: E402
 from daemons.broker.packets import Connect, Subscribe, encode, encode_publish  # noqa: E402
+from daemons.broker.packets5 import ConnectV5, Subscription, SubscribeV5, encode_publish_v5  # noqa: E402
+from daemons.broker.packets5 import encode as encode_v5  # noqa: E402
 
 PAYLOAD = b"x" * 64
 
@@ -74,17 +76,38 @@ class Broker:
 # -- raw clients -------------------------------------------------------------------------------
 
 
-def connect(port: int, cid: str, keepalive: int = 600, clean_session: bool = True) -> socket.socket:
+def connect(port: int, cid: str, keepalive: int = 600, clean_session: bool = True, v5: bool = False) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if v5:  # CONNACK: flags, reason code, properties (their length varies by broker)
+        s.sendall(encode_v5(ConnectV5(cid, clean_start=clean_session, keep_alive=keepalive)))
+        assert _read_packet(s)[1] == 0, "CONNACK refused"
+        return s
     s.sendall(encode(Connect(cid, clean_session=clean_session, keep_alive=keepalive)))
     assert _read_exact(s, 4)[3] == 0, "CONNACK refused"
     return s
 
 
-def subscribe(s: socket.socket, topic: str, qos: int) -> None:
+def subscribe(s: socket.socket, topic: str, qos: int, v5: bool = False) -> None:
+    if v5:
+        s.sendall(encode_v5(SubscribeV5(1, (Subscription(topic, qos),))))
+        assert _read_packet(s)[-1] == qos, "SUBACK refused"
+        return
     s.sendall(encode(Subscribe(1, ((topic, qos),))))
     assert len(_read_exact(s, 5)) == 5  # SUBACK with one code
+
+
+def _read_packet(s: socket.socket) -> bytes:
+    """One whole packet's body (after its fixed header)."""
+    first = _read_exact(s, 2)
+    length, shift, b = 0, 0, first[1]
+    while True:
+        length |= (b & 0x7F) << shift
+        if not b & 0x80:
+            break
+        shift += 7
+        b = _read_exact(s, 1)[0]
+    return _read_exact(s, length)
 
 
 def _read_exact(s: socket.socket, n: int) -> bytes:
@@ -183,23 +206,26 @@ class PubAcks:
 
 
 def run_flow(port: int, *, qos: int, n: int, pubs: int, subs: int, window: int, topic_of, sub_filter: str,
-             pub_inflight: int = 20, sub_port: int | None = None) -> tuple[float, int]:
+             pub_inflight: int = 20, sub_port: int | None = None, v5: bool = False) -> tuple[float, int]:
     """Publish n messages in total from `pubs` publishers; every subscriber gets every message
-    (subscribed on `sub_port`, default `port`: another broker, across a bridge).
+    (subscribed on `sub_port`, default `port`: another broker, across a bridge). `v5`: every
+    client speaks MQTT 5.0 (PUBLISH with an empty property block; acks in the short form).
     Returns (seconds, messages delivered to the slowest subscriber)."""
     sel = selectors.DefaultSelector()
     subscribers = []
+    publish = encode_publish_v5 if v5 else encode_publish
+    props = 1 if v5 else 0  # the property length byte between packet id and payload
     for i in range(subs):
-        s = connect(sub_port or port, f"bench-sub-{i}")
-        subscribe(s, sub_filter, qos)
+        s = connect(sub_port or port, f"bench-sub-{i}", v5=v5)
+        subscribe(s, sub_filter, qos, v5)
         s.setblocking(False)
-        sample = encode_publish(topic_of(0).encode(), PAYLOAD, qos, False, False, 1 if qos else None)
-        c = SubCounter(s, len(sample), qos, len(sample) - len(PAYLOAD) - 2)
+        sample = publish(topic_of(0).encode(), PAYLOAD, qos, False, False, 1 if qos else None)
+        c = SubCounter(s, len(sample), qos, len(sample) - len(PAYLOAD) - 2 - props)
         sel.register(s, selectors.EVENT_READ, c)
         subscribers.append(c)
     publishers = []
     for i in range(pubs):
-        s = connect(port, f"bench-pub-{i}")
+        s = connect(port, f"bench-pub-{i}", v5=v5)
         s.setblocking(False)
         acks = PubAcks(s, qos) if qos else None
         if acks:
@@ -212,9 +238,9 @@ def run_flow(port: int, *, qos: int, n: int, pubs: int, subs: int, window: int, 
     blocks = []
     for (_, topic, _) in publishers:
         if qos == 0:
-            blocks.append([encode_publish(topic, PAYLOAD, 0, False, False, None) * batch])
+            blocks.append([publish(topic, PAYLOAD, 0, False, False, None) * batch])
         else:
-            blocks.append([b"".join(encode_publish(topic, PAYLOAD, qos, False, False, (k * batch + j) % 65535 + 1)
+            blocks.append([b"".join(publish(topic, PAYLOAD, qos, False, False, (k * batch + j) % 65535 + 1)
                                     for j in range(batch)) for k in range(65535 // batch)])
     sent = [0] * pubs
     pending = [b""] * pubs
@@ -333,6 +359,8 @@ def main() -> int:
                                topic_of=lambda i: "bench/a", sub_filter="bench/a"), 1),
         ("QoS 1, 1 -> 1", dict(qos=1, n=int(150_000 * sc), pubs=1, subs=1, window=800,
                                topic_of=lambda i: "bench/a", sub_filter="bench/a"), 1),
+        ("QoS 1, 1 -> 1, MQTT 5.0", dict(qos=1, n=int(150_000 * sc), pubs=1, subs=1, window=800,
+                                         topic_of=lambda i: "bench/a", sub_filter="bench/a", v5=True), 1),
         ("QoS 2, 1 -> 1", dict(qos=2, n=int(60_000 * sc), pubs=1, subs=1, window=800,
                                topic_of=lambda i: "bench/a", sub_filter="bench/a"), 1),
         ("QoS 0, fan-out 1 -> 50", dict(qos=0, n=int(10_000 * sc), pubs=1, subs=50, window=2_000,
