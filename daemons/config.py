@@ -309,7 +309,10 @@ class BrokerConfig:
     max_packet_size: int = field(default=16 * 1024 * 1024, metadata=_range(64, 268_435_455))
     # Seconds a new connection may take to send CONNECT.
     connect_timeout: float = field(default=10.0, metadata=_range(0.1, 3600))
-    max_inflight_messages: int = field(default=20, metadata=_range(1, 65535))
+    # Mosquitto's default is 20; ours writes what one loop pass produced in one write, so an
+    # acknowledgement comes back a whole pass later and 20 bound a 1 -> 1 QoS 1 flow to about
+    # 0.7 of what the CPU allows (docs/BENCHMARKS.md, issue 21). 100 took the window out of it.
+    max_inflight_messages: int = field(default=100, metadata=_range(1, 65535))
     # A larger window for the clients named here (fnmatch patterns of client ids): a consumer
     # that commits in batches, such as iot-ingest ("<client_id_prefix>-ingest"), needs
     # thousands of messages in flight to batch at all; 20 makes it commit 20 rows at a time.
@@ -322,6 +325,9 @@ class BrokerConfig:
     # unacknowledged, until there is room (TCP pushes back; nothing acknowledged is lost);
     # "drop" acknowledges it and drops it for that subscriber, counted (Mosquitto's way).
     queue_full: str = field(default="block", metadata=_choices("block", "drop"))
+    # "auto": uvloop (libuv, C) when it is installed, else asyncio's own loop; uvloop takes
+    # ~20% off the broker's CPU per message, most of it in socket writes and reads.
+    event_loop: str = field(default="auto", metadata=_choices("auto", "uvloop", "asyncio"))
     # Seconds between $SYS/broker/... updates; 0 turns them off.
     sys_interval: float = field(default=10.0, metadata=_range(0, 86400))
     # Mosquitto's log_type names; "debug" (or "all", or -v) logs every packet in Mosquitto's words

@@ -384,8 +384,10 @@ def run(
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
     argv: Sequence[str] | None = None,
     epilog: str | None = None,
+    event_loop: Callable[[configmod.Config], str] | None = None,
 ) -> int:
-    """Parse the command line, load config, run `serve`, and return the process exit code."""
+    """Parse the command line, load config, run `serve`, and return the process exit code.
+    `event_loop(config)` names the loop an async `serve` runs on: "uvloop" or "asyncio"."""
     parser = argparse.ArgumentParser(
         prog=name, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -28,6 +28,11 @@ classes (properties and reason codes would slow every 3.1.1 packet down if
 the 3.1.1 classes grew those fields), and ``Reader(version=5)`` switches to
 its tables when the CONNECT says level 5.
 
+Packets are slotted dataclasses, frozen except the ones every message makes (PUBLISH and its
+acknowledgements, here and in packets5.py; marked HOT): a frozen dataclass's ``__init__`` sets
+each field through ``object.__setattr__``, ~2 us more per decoded PUBLISH on this machine's CPU
+(issue 21's profile). Nothing changes a packet once decoded; tests compare them by value.
+
 Topic syntax (section 4.7) lives here because it decides whether a packet is
 well formed; ``topics`` builds on this module and re-exports the validators.
 Encoding only does cheap checks, since it encodes our own data;
@@ -217,7 +222,7 @@ class Connack:
     return_code: ConnackCode
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: HOT, see the module docstring
 class Publish:
     """Section 3.3.  ``packet_id`` is None exactly when ``qos`` is 0."""
     topic: str
@@ -228,25 +233,25 @@ class Publish:
     packet_id: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: HOT, see the module docstring
 class Puback:
     """Section 3.4."""
     packet_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: HOT, see the module docstring
 class Pubrec:
     """Section 3.5."""
     packet_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: HOT, see the module docstring
 class Pubrel:
     """Section 3.6."""
     packet_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: HOT, see the module docstring
 class Pubcomp:
     """Section 3.7."""
     packet_id: int

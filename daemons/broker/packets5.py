@@ -6,8 +6,8 @@ Theory of operation
 MQTT 5.0 keeps 3.1.1's framing (first byte, remaining length) and adds to
 most packets a reason code and a property block: a Variable Byte Integer
 length, then (identifier, value) pairs whose type the identifier fixes
-(section 2.2.2.2).  Its packets are their own frozen classes here, not 3.1.1's
-grown by two fields, because every field a frozen dataclass has is paid for
+(section 2.2.2.2).  Its packets are their own classes here, not 3.1.1's
+grown by two fields, because every field a dataclass has is paid for
 on each decode, and the 3.1.1 path is the hot one.
 
 ``packets.Reader(version=5)`` decodes a CONNECT with these tables; when that
@@ -313,7 +313,7 @@ class ConnackV5:
     properties: Properties = NO_PROPERTIES
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: HOT, see packets.py's docstring
 class PublishV5:
     """Section 3.3.  ``topic`` may be empty when ``properties.topic_alias`` names it."""
     topic: str
@@ -325,7 +325,7 @@ class PublishV5:
     properties: Properties = NO_PROPERTIES
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: HOT, see packets.py's docstring
 class PubackV5:
     """Section 3.4."""
     packet_id: int
@@ -333,7 +333,7 @@ class PubackV5:
     properties: Properties = NO_PROPERTIES
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: HOT, see packets.py's docstring
 class PubrecV5:
     """Section 3.5."""
     packet_id: int
@@ -341,7 +341,7 @@ class PubrecV5:
     properties: Properties = NO_PROPERTIES
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: HOT, see packets.py's docstring
 class PubrelV5:
     """Section 3.6."""
     packet_id: int
@@ -349,7 +349,7 @@ class PubrelV5:
     properties: Properties = NO_PROPERTIES
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: HOT, see packets.py's docstring
 class PubcompV5:
     """Section 3.7."""
     packet_id: int

@@ -894,7 +894,8 @@ async def serve(svc: Service) -> None:
             servers.append(await srv.listen(lst))
             addr = servers[-1].sockets[0].getsockname()
             bound.append(f"{addr[0]}:{addr[1]}")
-            svc.log.info(f"listening on {bound[-1]}", protocol=lst.cfg.protocol, tls="yes" if lst.cfg.tls else "no")
+            svc.log.info(f"listening on {bound[-1]}", protocol=lst.cfg.protocol, tls="yes" if lst.cfg.tls else "no",
+                         event_loop=type(loop).__module__.split(".")[0])
 
         def on_reload(new: Config) -> list[str]:
             applied = reload(new)  # password file and ACL; a broken one raises: nothing changes
@@ -944,7 +945,23 @@ def main(argv=None) -> int:
         serve,
         add_arguments=add_arguments,
         argv=argv,
+        event_loop=event_loop,
     )
+
+
+def event_loop(cfg) -> str:
+    """The loop `[broker] event_loop` asks for: "uvloop" or "asyncio" (auto: uvloop if installed)."""
+    want = cfg.broker.event_loop
+    if want == "asyncio":
+        return want
+    try:
+        import uvloop  # noqa: F401, PLC0415 - probing whether it is installed
+    except ImportError:
+        if want == "uvloop":
+            raise Exit(service.EX_CONFIG, "[broker] event_loop = \"uvloop\" but uvloop is not installed "
+                       "(pip install uvloop, or Debian's python3-uvloop)") from None
+        return "asyncio"
+    return "uvloop"
 
 
 if __name__ == "__main__":

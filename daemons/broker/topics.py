@@ -60,6 +60,9 @@ def matches(topic_filter: str, topic: str) -> bool:
     return len(filter_levels) == len(topic_levels)
 
 
+MATCH_CACHE_SIZE = 10_000
+
+
 class _Node:
     __slots__ = ("children", "subscribers")
 
@@ -83,12 +86,15 @@ class SubscriptionTree:
     subscription per (subscriber, filter) pair.
     """
 
-    __slots__ = ("_root", "_by_subscriber", "_count")
+    __slots__ = ("_root", "_by_subscriber", "_count", "_cache")
 
     def __init__(self) -> None:
         self._root = _Node()
         self._by_subscriber: dict[Hashable, set[str]] = {}
         self._count = 0
+        # topic -> match() result. Sensors publish on a few topics over and over, and a walk
+        # through `+` levels costs a dict per level and node: remembered until the tree changes.
+        self._cache: dict[str, dict[Hashable, int]] = {}
 
     def subscribe(self, subscriber: Hashable, topic_filter: str, qos: int) -> bool:
         """Add or update a subscription.
@@ -108,6 +114,7 @@ class SubscriptionTree:
             node = child
         is_new = subscriber not in node.subscribers
         node.subscribers[subscriber] = qos
+        self._cache.clear()
         if is_new:
             self._by_subscriber.setdefault(subscriber, set()).add(topic_filter)
             self._count += 1
@@ -128,6 +135,7 @@ class SubscriptionTree:
             path.append(child)
         if path[-1].subscribers.pop(subscriber, None) is None:
             return False
+        self._cache.clear()
         self._count -= 1
         filters = self._by_subscriber[subscriber]
         filters.discard(topic_filter)
@@ -151,7 +159,17 @@ class SubscriptionTree:
         return frozenset(self._by_subscriber.get(subscriber, ()))
 
     def match(self, topic: str) -> dict[Hashable, int]:
-        """Subscribers whose filters match ``topic``, each with its highest QoS."""
+        """Subscribers whose filters match ``topic``, each with its highest QoS. The dict is
+        shared by every call for that topic until the next (un)subscribe: do not change it."""
+        cached = self._cache.get(topic)
+        if cached is not None:
+            return cached
+        if len(self._cache) >= MATCH_CACHE_SIZE:
+            self._cache.clear()  # many distinct topics: start over rather than track age
+        result = self._cache[topic] = self._match(topic)
+        return result
+
+    def _match(self, topic: str) -> dict[Hashable, int]:
         result: dict[Hashable, int] = {}
         levels = topic.split("/")
         # A "$" topic hides the root's wildcard children [MQTT-4.7.2-1].

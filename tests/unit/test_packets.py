@@ -736,11 +736,16 @@ def test_encode_refuses_non_packets():
         encode("CONNECT")
 
 
-def test_packets_are_frozen_and_slotted():
+def test_packets_are_slotted_and_the_rare_ones_frozen():
+    """PUBLISH and its acknowledgements are not frozen (each decode would pay for it, see the
+    module docstring); every packet is slotted, so a misspelt field is an error."""
     p = Publish("a", b"")
     with pytest.raises(AttributeError):
-        p.topic = "b"
+        p.topik = "b"
     assert not hasattr(p, "__dict__")
+    c = Connect("c")
+    with pytest.raises(AttributeError):
+        c.client_id = "d"
 
 
 def test_reader_max_packet_size_can_be_raised_after_connect():

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from daemons.broker import topics as topics_module
 from daemons.broker.packets import MalformedPacket, ProtocolError
 from daemons.broker.topics import (
     InvalidTopic,
@@ -279,3 +280,29 @@ def test_tree_agrees_with_reference_matcher(ops, probe):
     # Pruning keeps exactly the nodes on the path of some live filter.
     prefixes = {tuple(f.split("/")[:i]) for _, f in model for i in range(1, len(f.split("/")) + 1)}
     assert tree._node_count() == len(prefixes)
+
+
+def test_match_results_follow_every_subscribe_and_unsubscribe():
+    """match() remembers its result per topic; any change to the tree must show at once."""
+    tree = SubscriptionTree()
+    assert tree.match("a/b") == {}
+    tree.subscribe("s1", "a/+", 1)
+    assert tree.match("a/b") == {"s1": 1}
+    tree.subscribe("s2", "#", 0)
+    tree.subscribe("s1", "a/b", 2)  # a second filter of s1: the highest QoS wins
+    assert tree.match("a/b") == {"s1": 2, "s2": 0}
+    tree.unsubscribe("s1", "a/b")
+    assert tree.match("a/b") == {"s1": 1, "s2": 0}
+    tree.unsubscribe_all("s1")
+    assert tree.match("a/b") == {"s2": 0}
+    tree.unsubscribe("s2", "#")
+    assert tree.match("a/b") == {}
+
+
+def test_match_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(topics_module, "MATCH_CACHE_SIZE", 10)
+    tree = SubscriptionTree()
+    tree.subscribe("s", "t/+", 1)
+    for i in range(25):
+        assert tree.match(f"t/{i}") == {"s": 1}
+    assert len(tree._cache) <= 10
