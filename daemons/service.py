@@ -412,6 +412,10 @@ def run(
         if inspect.iscoroutinefunction(serve):
             import asyncio  # noqa: PLC0415 - see the top
 
+            if event_loop is not None and event_loop(cfg) == "uvloop":
+                import uvloop  # noqa: PLC0415 - optional, only for the daemons that ask for it
+
+                asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
             asyncio.run(svc._run_async(serve(svc)))
         else:
             serve(svc)
