@@ -367,7 +367,15 @@ def pub_worker(sc: Scenario, port: int, ids: list[int], seconds: float, pipe) ->
                 elif not p.out:
                     p.batch(chunk)
                 p.flush()
-            pump(sel, pubs, min(0.05, 1 / sc.rate) if sc.rate else 0.05)
+            # Wait only when no publisher may send more now (window full, output pending, or the
+            # next fixed-rate message not yet due): a fixed wait would bound the rate itself.
+            if sc.rate:
+                wait = min(0.05, 1 / sc.rate)
+            elif sc.qos:
+                wait = 0.05 if all(p.out or p.sent - p.acked >= sc.inflight for p in pubs) else 0
+            else:
+                wait = 0.05 if all(p.out for p in pubs) else 0
+            pump(sel, pubs, wait)
         # No new messages now; the ones sent wait for their acknowledgement, or for silence.
         state, changed = None, time.monotonic()
         while any(p.out or (sc.qos and p.acked < p.sent) for p in pubs):
@@ -381,9 +389,10 @@ def pub_worker(sc: Scenario, port: int, ids: list[int], seconds: float, pipe) ->
         err = str(e)
     end = time.monotonic()
     # QoS 0: what left this process counts as sent (a batch stuck in `out` was never sent).
-    sent = {p.pub_id: p.sent - len(p.out) // p.size for p in pubs}
+    sent = {p.pub_id: p.sent - -(-len(p.out) // p.size) for p in pubs}  # a packet part-sent is not sent
     acked = {p.pub_id: (p.acked if sc.qos else sent[p.pub_id]) for p in pubs}
-    pipe.send(("done", dict(sent=sent, acked=acked, cpu=cpu_self() - c0, start=t0, end=end, error=err)))
+    pipe.send(("done", dict(sent=sent, acked=acked, cpu=cpu_self() - c0, start=t0, end=end, error=err,
+                                unsent=sum(len(p.out) for p in pubs))))
     pipe.poll(DRAIN_IDLE + 120)  # hold the connections until the subscribers are drained
     for p in pubs:
         p.sock.close()
@@ -467,14 +476,20 @@ class Sub(Conn):
         self.seen.update(keys)
         self.last = time.monotonic()
 
-    def lost(self, acked: dict[int, int]) -> dict[int, int]:
-        """Per publisher, how many of its acknowledged messages never arrived here."""
-        got = dict.fromkeys(acked, 0)
+    def lost(self, acked: dict[int, int]) -> dict[int, tuple[int, int]]:
+        """Per publisher, how many of its acknowledged messages never arrived here, and the
+        sequence number of the first of them."""
+        got = {p: set() for p in acked}
         for key in self.seen:
-            pub = key >> 32
-            if pub in got and key & MASK < acked[pub]:
-                got[pub] += 1
-        return {p: acked[p] - got[p] for p in acked if acked[p] > got[p]}
+            if (pub := key >> 32) in got:
+                got[pub].add(key & MASK)
+        out = {}
+        for p, n in acked.items():
+            if len(got[p]) < n or max(got[p], default=-1) >= n:
+                missing = n - sum(1 for q in got[p] if q < n)
+                if missing:
+                    out[p] = (missing, next(q for q in range(n) if q not in got[p]))
+        return out
 
 
 def skip_varint_block(buf: bytearray, at: int) -> int:
@@ -596,6 +611,9 @@ def run_flow(sc: Scenario, b: Broker, run: Run, seconds: float, spy: Path | None
             pub_end = max(pub_end, r["end"])
             if r["error"]:
                 errors.append(r["error"])
+            if r["unsent"]:
+                run.notes.append(f"the broker read nothing from a publisher for {DRAIN_IDLE:g} s with "
+                                 f"{r['unsent']:,} bytes still to send (not counted as sent)")
         want = sum(acked.values())
         # Drain: until every subscriber has every acknowledged message, or none comes for DRAIN_IDLE.
         seen, changed = sum(progress), time.monotonic()
@@ -625,11 +643,12 @@ def run_flow(sc: Scenario, b: Broker, run: Run, seconds: float, spy: Path | None
         run.delivered = sum(sum(r["unique"]) for r in results)
         run.dup = sum(sum(r["received"]) - sum(r["unique"]) for r in results)
         lost = [d for r in results for d in r["lost"]]
-        run.lost = sum(sum(d.values()) for d in lost)
+        run.lost = sum(m for d in lost for m, _ in d.values())
         if run.lost:
-            worst = max(lost, key=lambda d: sum(d.values()))
-            run.notes.append(f"missing at the worst subscriber, by publisher id: "
-                             + ", ".join(f"{k}: {v}" for k, v in sorted(worst.items())[:10]))
+            worst = max(lost, key=lambda d: sum(m for m, _ in d.values()))
+            run.notes.append(f"{sum(1 for d in lost if d)} of {len(lost)} subscriber(s) missed messages; the worst, "
+                             "by publisher id: " + ", ".join(f"{k}: {m:,} missing of {acked[k]:,} (first: seq {q})"
+                                                             for k, (m, q) in sorted(worst.items())[:10]))
         errors += [r["error"] for r in results if r["error"]]
         run.error = "; ".join(errors)
         run.broker_cpu = broker_cpu / wall
@@ -824,7 +843,8 @@ def render(scenarios: list[Scenario], runs: list[Run], args) -> str:
     if busy:
         notes.append(f"a generator process was above {BUSY_CORE:.0%} of a core (the generator may have bounded the "
                      f"rate) in: " + "; ".join(busy))
-    notes += [f"{r.broker}, {r.scenario}, run {r.run}: {n}" for r in runs for n in r.notes if r.lost]
+    notes += [f"{r.broker}, {r.scenario}, run {r.run}: {n}" for r in runs for n in r.notes
+              if r.lost or "missing" not in n]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
