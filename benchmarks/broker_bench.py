@@ -612,8 +612,8 @@ def run_flow(sc: Scenario, b: Broker, run: Run, seconds: float, spy: Path | None
             if r["error"]:
                 errors.append(r["error"])
             if r["unsent"]:
-                run.notes.append(f"the broker read nothing from a publisher for {DRAIN_IDLE:g} s with "
-                                 f"{r['unsent']:,} bytes still to send (not counted as sent)")
+                run.notes.append(f"a publisher's socket took nothing more for {DRAIN_IDLE:g} s with "
+                                 f"{r['unsent']:,} bytes still to write (not counted as sent)")
         want = sum(acked.values())
         # Drain: until every subscriber has every acknowledged message, or none comes for DRAIN_IDLE.
         seen, changed = sum(progress), time.monotonic()
@@ -825,8 +825,8 @@ def render(scenarios: list[Scenario], runs: list[Run], args) -> str:
         f"and `max_connections = 10100` for 10,000 connections, which the defaults refuse; Mosquitto: "
         f"`persistence false`, `log_dest none`, `max_queued_messages 1000000`). Publishers send for "
         f"{args.seconds:g} s, 64-byte payloads unless named, then a drain of up to {DRAIN_IDLE:g} s without "
-        f"progress. Publishers and subscribers are separate processes over raw sockets. Ratio = iot-broker / "
-        f"Mosquitto. Lost = acknowledged to the publisher (QoS 0: sent) but never delivered, each run.", "",
+        f"progress. Publishers and subscribers are separate processes over raw sockets. Rate = delivered / (last "
+        f"delivery - start of publishing). Ratio = iot-broker / Mosquitto. Lost = acknowledged to the publisher (QoS 0: sent) but never delivered, each run.", "",
         "| scenario | Mosquitto | iot-broker | ratio | target | met | lost (ours / Mosquitto, all runs) |",
         "| --- | ---: | ---: | ---: | --- | --- | --- |",
     ]
