@@ -50,6 +50,7 @@ from .topics import matches
 
 CONNECT_TIMEOUT = 10.0
 WRITE_HIGH_WATER = 1024 * 1024
+FLUSH_AT = 256 * 1024
 # Packets from the remote held for a full local queue past which we stop reading it.
 HELD_PACKETS = 1000
 PINGREQ = b"\xc0\x00"
@@ -206,12 +207,17 @@ class Remote(asyncio.Protocol):
                                       pkt.qos, pkt.retain, pkt.dup, pkt.packet_id)
         self.out.append(data)
         self.out_bytes += len(data)
-        if not self.flush_scheduled:
+        if self.out_bytes >= FLUSH_AT:
+            self._write_out()  # the server's reason (server.FLUSH_AT)
+        elif not self.flush_scheduled:
             self.flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         self.flush_scheduled = False
+        self._write_out()
+
+    def _write_out(self) -> None:
         if self.out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(self.out))
             self.last_tx = time.monotonic()

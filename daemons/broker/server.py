@@ -29,7 +29,8 @@ held packets to the core again, in order, and reading resumes once none is left.
 connection is not timed out for keep-alive: its silence is ours.
 
 Bounded output: what the core writes to a client that does not read piles up in asyncio's
-buffer. Past WRITE_HIGH_WATER (`pause_writing`, or that much gathered in one pass) the
+buffer. Past WRITE_HIGH_WATER (`pause_writing`; a pass writes what it gathered for a
+connection at once past FLUSH_AT, so a long pass is not mistaken for a slow reader) the
 connection is `congested()`: QoS 0 messages to it are dropped (counted), and it is read no
 more, so its own input cannot make PUBACKs, SUBACKs or PINGRESPs pile up either. Reading
 resumes with `resume_writing` unless flow control holds it paused too (`_set_reading` asks
@@ -104,6 +105,10 @@ from .store import Store
 # Per-connection output buffered in asyncio beyond which QoS 0 messages to that client are
 # dropped (and counted) rather than held in memory without bound, and the client is not read.
 WRITE_HIGH_WATER = 1024 * 1024
+# What one pass gathers for a connection is written at once past this: uvloop reads a socket
+# up to 32 times before it runs a callback, so a pass can gather megabytes for one subscriber,
+# which is no sign that the subscriber is slow (only the transport's buffer says that).
+FLUSH_AT = 256 * 1024
 # Failed logins from one address within LOGIN_WINDOW seconds past LOGIN_FREE get their refusal
 # 0.5 s later, doubling per failure up to LOGIN_DELAY_MAX.
 LOGIN_WINDOW = 60.0
@@ -439,12 +444,17 @@ class Connection(asyncio.Protocol):
         self.out.append(data)
         self.out_bytes += len(data)
         self.stats.messages_sent += 1
-        if not self.flush_scheduled:
+        if self.out_bytes >= FLUSH_AT:
+            self._write_out()
+        elif not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.flush_scheduled = False
+        self._write_out()
+
+    def _write_out(self) -> None:
         out = self.out
         if out and self.transport is not None and not self.transport.is_closing():
             data = out[0] if len(out) == 1 else b"".join(out)
