@@ -660,11 +660,12 @@ def _decode_at(
         raise error[0](error[1], error[2])
     pos = start + 1
     if pos < size and view[pos] < 0x80:  # the usual small packet: a one-byte length
-        end = pos + 1 + view[pos]
+        length = view[pos]
+        if length > max_packet_size:
+            raise PacketTooLarge(f"remaining length {length} exceeds {max_packet_size}")
+        end = pos + 1 + length
         if end > size:
             return None
-        if end - pos - 1 > max_packet_size:
-            raise PacketTooLarge(f"remaining length {end - pos - 1} exceeds {max_packet_size}")
         return decoders[first >> 4](first & 0x0F, view, pos + 1, end), end
     length = shift = 0
     while True:
