@@ -431,3 +431,30 @@ def test_live_fuzz_v5_never_takes_the_broker_or_other_clients_down(brokers):
     assert b.proc.running(), b.proc.log()
     assert healthy(b.port)
     assert "Traceback" not in b.proc.log()
+
+
+def test_event_loop_uvloop_by_default_asyncio_on_request_and_both_serve(broker_factory):
+    """uvloop is installed with the broker, so "auto" takes it; "asyncio" keeps Python's loop.
+    The start line says which, and both carry QoS 1 end to end."""
+    for extra, name in (("", "uvloop"), ('event_loop = "asyncio"\n', "asyncio")):
+        b = broker_factory(extra)
+        wait_for(lambda: "listening on" in b.proc.log(), 10, what="the start line")
+        line = next(x for x in b.proc.log().splitlines() if "listening on" in x)
+        assert f"event_loop={name}" in line
+        assert healthy(b.port)
+
+
+def test_event_loop_uvloop_without_uvloop_is_a_config_error(monkeypatch):
+    """Asked for by name and not importable: a one-line config error (exit 78), not a fallback."""
+    import sys
+
+    from daemons import config, service
+    from daemons.broker import server
+
+    cfg = config.parse({"broker": {"event_loop": "uvloop"}}, None, {})
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    with pytest.raises(service.Exit) as e:
+        server.event_loop(cfg)
+    assert e.value.code == 78 and "uvloop is not installed" in str(e.value)
+    auto = config.parse({"broker": {"event_loop": "auto"}}, None, {})
+    assert server.event_loop(auto) == "asyncio"
