@@ -21,7 +21,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from benchmarks.broker_bench import run_flow
+from benchmarks.rawflow import run_flow
 from benchmarks.common import free_port, load_average, machine, port_open, write_section
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.broker_bench import SubCounter, connect, subscribe  # noqa: E402
+from benchmarks.rawflow import SubCounter, connect, subscribe  # noqa: E402
 from benchmarks.common import cpu_seconds, load_average, machine, rss_kib, write_section  # noqa: E402
 from daemons.broker.packets import encode_publish  # noqa: E402
 from tests.support import BIN, Mosquitto, Proc, free_port, port_open, wait_for  # noqa: E402
