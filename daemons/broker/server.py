@@ -330,13 +330,12 @@ class Connection(asyncio.Protocol):
                 held.popleft()
                 if type(pkt) in PUBLISHES:
                     self.held_bytes -= len(pkt.payload)
+            got = False
             while not self.closing and (not held or (len(held) < HELD_PACKETS and self.held_bytes < HELD_BYTES)):
                 pkt = reader.next_packet()
                 if pkt is None:
                     break
-                # Only a complete packet counts as activity [MQTT-3.1.2-24]: a byte trickle
-                # must not hold a connection open forever.
-                self.last_rx = time.monotonic()
+                got = True
                 if self.trace is not None:
                     self.trace.received(self, pkt)
                 if self.session is None:
@@ -375,6 +374,10 @@ class Connection(asyncio.Protocol):
                 self.trace.line(trace.protocol_error(PacketTrace.name(self), e))
             self.close()
             return
+        if got:
+            # Only a complete packet counts as activity [MQTT-3.1.2-24]: a byte trickle
+            # must not hold a connection open forever.
+            self.last_rx = time.monotonic()
         self.held_full = bool(held) and (len(held) >= HELD_PACKETS or self.held_bytes >= HELD_BYTES)
         self._set_reading()
 

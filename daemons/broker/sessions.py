@@ -163,9 +163,9 @@ class Session:
     def can_take(self) -> bool:
         """Room for one more QoS 1/2 message: in the window now, in the queue in memory, or
         (a persistent session, persistence on) in the store until its quota."""
-        if not self.on_disk and (self._memory_room() or (
+        if not self.on_disk and ((len(self.queue) < self.max_queued and self.queued_bytes < self.max_queued_bytes) or (
                 self.conn is not None and len(self.inflight) < self.max_inflight and not self.queue)):
-            return True
+            return True  # (the first test is _memory_room(), inline: it runs per QoS 1/2 PUBLISH)
         return self.store is not None and self.store.has_room()
 
     def window_free(self) -> bool:
