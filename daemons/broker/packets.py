@@ -770,12 +770,15 @@ class Reader:
         keeps a small one until CONNECT is accepted, then raises it)."""
         self._max = max_packet_size
 
-    def feed(self, data: bytes) -> None:
-        if self._error is not None:
-            return
+    def _drop_view(self) -> None:
         if self._view is not None:
             self._view.release()
             self._view = None
+
+    def feed(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        self._drop_view()
         if self._pos:
             del self._buffer[: self._pos]
             self._pos = 0
@@ -787,6 +790,7 @@ class Reader:
             raise self._error
         buffer, pos = self._buffer, self._pos
         if pos >= len(buffer):
+            self._drop_view()  # read to the end: an idle connection keeps no view
             return None
         kind = buffer[pos] >> 4
         view = self._view
@@ -807,6 +811,7 @@ class Reader:
             self._buffer = bytearray()
             raise
         if result is None:
+            self._drop_view()
             return None
         packet, self._pos = result
         if not self._started:
