@@ -104,6 +104,7 @@ from .store import Store
 # Per-connection output buffered in asyncio beyond which QoS 0 messages to that client are
 # dropped (and counted) rather than held in memory without bound, and the client is not read.
 WRITE_HIGH_WATER = 1024 * 1024
+WRITE_LOW_WATER = WRITE_HIGH_WATER // 4  # asyncio's default, given so no connection makes its own int
 # Failed logins from one address within LOGIN_WINDOW seconds past LOGIN_FREE get their refusal
 # 0.5 s later, doubling per failure up to LOGIN_DELAY_MAX.
 LOGIN_WINDOW = 60.0
@@ -229,7 +230,7 @@ class PacketTrace:
 class Connection(asyncio.Protocol):
     __slots__ = (
         "srv", "broker", "stats", "reader", "transport", "session", "will", "keepalive",
-        "last_rx", "opened", "out", "flush_scheduled", "closing", "paused", "peer", "loop",
+        "last_rx", "opened", "out", "flush_scheduled", "closing", "paused", "loop",
         "held", "held_bytes", "reading", "retry_scheduled",
         "held_full", "paused_at", "paused_size", "out_bytes", "closed_at", "login_refused",
         "listener", "cert_username", "listener_allow_anonymous", "trace", "v5",
@@ -253,9 +254,8 @@ class Connection(asyncio.Protocol):
         self.flush_scheduled = False
         self.closing = False
         self.paused = False
-        self.peer = "?"
         self.loop = srv.loop
-        self.held: deque = deque()
+        self.held: deque | tuple = ()  # made on the first packet held: an empty deque costs 760 bytes
         self.held_bytes = 0
         self.reading = True
         self.retry_scheduled = False
@@ -277,7 +277,6 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         if peer and not self.srv.admit(peer[0]):
             self.broker.limit_hit("connection_rate_refused", "connection refused: max_connection_rate exceeded",
                                   peer=self.peer, max_connection_rate=self.srv.cfg.max_connection_rate)
@@ -301,7 +300,7 @@ class Connection(asyncio.Protocol):
                 self.closing = True
                 transport.abort()
                 return
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.srv.conns.add(self)
         if self.trace is not None and self.trace_accept:
             self.trace.line(trace.new_connection(self.peer, self.listener.port))
@@ -352,6 +351,8 @@ class Connection(asyncio.Protocol):
                                            username=self.cert_username or pkt.username or "-",
                                            port=self.listener.port)
                 elif (held and type(pkt) not in PASS_WHILE_HELD) or not broker.handle(self, pkt):
+                    if not held:
+                        held = self.held = deque()
                     held.append(pkt)
                     if type(pkt) in PUBLISHES:
                         self.held_bytes += len(pkt.payload)
@@ -468,6 +469,13 @@ class Connection(asyncio.Protocol):
 
     def congested(self) -> bool:
         return self.paused or self.out_bytes >= WRITE_HIGH_WATER
+
+    @property
+    def peer(self) -> str:
+        """The client's address for log lines, made when one needs it, not kept (issue 21: a
+        string per idle connection)."""
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return f"{peer[0]}:{peer[1]}" if peer else "?"
 
     @property
     def client_id(self) -> str:
