@@ -616,7 +616,7 @@ class Broker(v5.Handlers):
             if session not in group.members:
                 self.shared_count += 1
             group.members[session] = qos
-        session.subscriptions[topic_filter] = qos
+        session.set_subscription(topic_filter, qos)
 
     def _remove_subscription(self, session: Session, topic_filter: str) -> None:
         """Out of the tree or its group; a member leaving a group hands over what it has not
@@ -712,7 +712,7 @@ class Broker(v5.Handlers):
             for topic_filter, qos in s.subscriptions.items():
                 self._add_subscription(session, topic_filter, qos, shared.parse(topic_filter))
             for topic_filter, (no_local, as_published, ident) in s.options.items():
-                session.options[topic_filter] = v5.SubOptions(bool(no_local), bool(as_published), ident)
+                session.set_options(topic_filter, v5.SubOptions(bool(no_local), bool(as_published), ident))
         for topic, payload, qos, props, expires in loaded.retained:
             self.retained.set(topic, payload, qos, bytes(props) if props else b"", expires)
 
@@ -734,7 +734,7 @@ class Broker(v5.Handlers):
         new = [f for f in filters if f not in session.subscriptions]
         for f, qos in filters.items():
             self.tree.subscribe(session, f, qos)
-            session.subscriptions[f] = qos
+            session.set_subscription(f, qos)
         session.disconnected_at = session.disconnected_at or self.clock()
         self._save_subscriptions(session)
         for f in new:

@@ -238,7 +238,9 @@ class Connection(asyncio.Protocol):
         self.will = None
         self.keepalive = 0
         self.last_rx = self.opened = time.monotonic()
-        self.out: list[bytes] = []
+        # What the core wrote this pass: a list from the first send() to the flush, () after
+        # it, so an idle connection keeps no list.
+        self.out: list[bytes] | tuple = ()
         self.flush_scheduled = False
         self.closing = False
         self.paused = False
@@ -382,13 +384,13 @@ class Connection(asyncio.Protocol):
         if not delay:
             self.close()
             return
-        connack, self.out, self.out_bytes = self.out, [], 0
+        connack, self.out, self.out_bytes = self.out, (), 0
         self.reading = False
         self.transport.pause_reading()
 
         def answer() -> None:
             if not self.closing:  # not send(): it was counted and traced when the core sent it
-                self.out += connack
+                self.out = [*self.out, *connack]
             self.close()
 
         self.loop.call_later(delay, answer)
@@ -425,7 +427,10 @@ class Connection(asyncio.Protocol):
             return
         if self.trace is not None:
             self.trace.sent(self, data)
-        self.out.append(data)
+        if self.out:
+            self.out.append(data)
+        else:
+            self.out = [data]
         self.out_bytes += len(data)
         self.stats.messages_sent += 1
         if not self.flush_scheduled:
@@ -439,7 +444,7 @@ class Connection(asyncio.Protocol):
             data = out[0] if len(out) == 1 else b"".join(out)
             self.stats.bytes_sent += len(data)
             self._write(data)
-        out.clear()
+        self.out = ()
         self.out_bytes = 0
 
     def _write(self, data: bytes) -> None:

@@ -108,6 +108,20 @@ class Outgoing:
 NOTHING: frozenset = frozenset()
 
 
+class _Empty(dict):
+    """The one empty dict every new session's subscriptions and options are (64 bytes each
+    otherwise): reads, pops and clear() work on it, a store raises; set_subscription() and
+    set_options() give the session its own dict first."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value):
+        raise TypeError("the sessions' shared empty dict: use Session.set_subscription/set_options")
+
+
+NO_ENTRIES = _Empty()
+
+
 def _size(msg: Message) -> int:
     return len(msg.topic_bytes) + len(msg.payload)
 
@@ -126,7 +140,7 @@ class Session:
         self.clean = clean
         self.conn: Link | None = None
         self.will: Will | None = None
-        self.subscriptions: dict[str, int] = {}
+        self.subscriptions: dict[str, int] = NO_ENTRIES  # set_subscription() makes its own
         self.inflight: dict[int, Outgoing] = {}
         # (message, QoS, retain, store seq, shared.Group or None)
         self.queue: deque[tuple[Message, int, bool, int | None, object]] | tuple = ()  # see NOTHING
@@ -153,10 +167,20 @@ class Session:
         # stays meaningful in the store across restarts), for persistent_client_expiration.
         self.disconnected_at: float | None = None
         self.v5 = None  # the v5.Client attached, None for a 3.1.1/3.1 one or none
-        self.options: dict = {}  # filter -> v5.SubOptions, for subscriptions that have any
+        self.options: dict = NO_ENTRIES  # filter -> v5.SubOptions, for subscriptions that have any
         self.expiry: int | None = None  # v5 Session Expiry Interval; None: persistent_client_expiration
         self.clock = time.time  # the broker's, for Message Expiry
         self.stats = None  # the broker's Stats: expired and too-large messages are counted there
+
+    def set_subscription(self, topic_filter: str, qos: int) -> None:
+        if self.subscriptions is NO_ENTRIES:
+            self.subscriptions = {}
+        self.subscriptions[topic_filter] = qos
+
+    def set_options(self, topic_filter: str, options) -> None:
+        if self.options is NO_ENTRIES:
+            self.options = {}
+        self.options[topic_filter] = options
 
     def _new_queue(self) -> deque:
         self.queue = deque()
