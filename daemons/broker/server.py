@@ -218,7 +218,7 @@ class PacketTrace:
 class Connection(asyncio.Protocol):
     __slots__ = (
         "srv", "broker", "stats", "reader", "transport", "session", "will", "keepalive",
-        "last_rx", "opened", "out", "flush_scheduled", "closing", "paused", "loop",
+        "last_rx", "out", "flush_scheduled", "closing", "paused", "loop",
         "held", "held_bytes", "reading", "retry_scheduled",
         "held_full", "paused_at", "paused_size", "out_bytes", "closed_at", "login_refused",
         "listener", "cert_username", "listener_allow_anonymous", "trace", "v5",
@@ -237,7 +237,9 @@ class Connection(asyncio.Protocol):
         self.session = None
         self.will = None
         self.keepalive = 0
-        self.last_rx = self.opened = time.monotonic()
+        # Also when it opened, until CONNECT (the connect timeout counts from it): no packet
+        # came before, and reading is never paused before a CONNECT.
+        self.last_rx = time.monotonic()
         # What the core wrote this pass: a list from the first send() to the flush, () after
         # it, so an idle connection keeps no list.
         self.out: list[bytes] | tuple = ()
@@ -614,7 +616,7 @@ class Server:
             if c.paused and now - c.paused_at > write_timeout:
                 self._not_reading(c)
             elif c.session is None:
-                if now - c.opened > timeout:
+                if now - c.last_rx > timeout:
                     self.log.info("no CONNECT in time; closing", peer=c.peer, timeout=timeout)
                     if c.trace is not None:
                         c.trace.line(trace.timed_out(trace.UNKNOWN))

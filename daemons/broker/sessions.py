@@ -109,9 +109,9 @@ NOTHING: frozenset = frozenset()
 
 
 class _Empty(dict):
-    """The one empty dict every new session's subscriptions and options are (64 bytes each
-    otherwise): reads, pops and clear() work on it, a store raises; set_subscription() and
-    set_options() give the session its own dict first."""
+    """The one empty dict every new session's subscriptions, options and in-flight window are
+    (64 bytes each otherwise): reads, pops and clear() work on it, a store raises; the session
+    takes its own dict first (set_subscription(), set_options(), _send_new())."""
 
     __slots__ = ()
 
@@ -141,7 +141,7 @@ class Session:
         self.conn: Link | None = None
         self.will: Will | None = None
         self.subscriptions: dict[str, int] = NO_ENTRIES  # set_subscription() makes its own
-        self.inflight: dict[int, Outgoing] = {}
+        self.inflight: dict[int, Outgoing] = NO_ENTRIES  # its own from the first message out
         # (message, QoS, retain, store seq, shared.Group or None)
         self.queue: deque[tuple[Message, int, bool, int | None, object]] | tuple = ()  # see NOTHING
         self.queued_bytes = 0
@@ -267,6 +267,8 @@ class Session:
                 if self.stats is not None:
                     self.stats.too_large_dropped += 1
                 return
+        if self.inflight is NO_ENTRIES:
+            self.inflight = {}
         self.inflight[pid] = Outgoing(msg, qos, retain, seq, group)
         if seq is not None:
             self.last_seq = max(self.last_seq, seq)
@@ -383,6 +385,7 @@ class Session:
         """A persistent session read back from the store at start: QoS 2 messages that went out
         keep their packet ids (the client may hold them), the rest queue in order."""
         self.store, self.sid, self.on_disk, self.stored_bytes = store, sid, on_disk, stored_bytes
+        self.inflight = {}
         for seq, topic, payload, qos, retain, pid, pubrel, props, expires in rows:
             msg = _stored(topic, payload, qos, retain, props, expires)
             if qos == 2 and pid is not None and pid not in self.inflight:
