@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/conn_rss.py [--clients 1000 10000] [--broker ours mosquitto]
 
 Each broker is started freshly with its defaults on a free loopback port. N raw-socket clients
-connect (MQTT 3.1.1, clean session, keep-alive 600; from several loopback addresses, see
-PER_ADDRESS) and each waits for its CONNACK; then the
-broker's VmRSS is read from /proc. Per connection = (RSS after - RSS before) / accepted. A
+connect (MQTT 3.1.1, clean session, keep-alive 600; from several loopback addresses: see
+tests/mqttraw.connect_idle) and each waits for its CONNACK; then the broker's VmRSS is read
+from /proc. Per connection = (RSS after - RSS before) / accepted. A
 broker that refuses some (its connection limit) is reported with the number it accepted.
 """
 
@@ -15,7 +15,6 @@ import argparse
 import resource
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -26,54 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import free_port, port_open, rss_kib  # noqa: E402
-
-BATCH = 200  # CONNECTs sent before their CONNACKs are read: the listen backlog is not overrun
-# Clients come from 127.0.0.2, .3, ... this many to an address: our max_connection_rate (200/s per
-# address, bursts of 1000) is for one address opening too many, not for 10,000 devices.
-PER_ADDRESS = 500
-
-
-def connect_packet(client_id: str) -> bytes:
-    cid = client_id.encode()
-    body = b"\x00\x04MQTT\x04\x02" + struct.pack("!H", 600) + struct.pack("!H", len(cid)) + cid
-    return bytes([0x10, len(body)]) + body
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def connect_idle(port: int, n: int, timeout: float = 30.0) -> tuple[list[socket.socket], int]:
-    """Open n clients; returns the open sockets and how many got CONNACK 0."""
-    socks, accepted = [], 0
-    for start in range(0, n, BATCH):
-        batch = []
-        for i in range(start, min(n, start + BATCH)):
-            s = socket.create_connection(("127.0.0.1", port), timeout,
-                                         source_address=(f"127.0.0.{2 + i // PER_ADDRESS}", 0))
-            try:
-                s.sendall(connect_packet(f"idle-{i}"))
-            except OSError:  # reset: refused at accept
-                s.close()
-                continue
-            batch.append(s)
-        for s in batch:
-            try:
-                ok = recv_exact(s, 4) == b"\x20\x02\x00\x00"
-            except OSError:  # reset: refused at accept
-                ok = False
-            if ok:
-                accepted += 1
-                socks.append(s)
-            else:
-                s.close()
-    return socks, accepted
+from tests.mqttraw import connect_idle  # noqa: E402
 
 
 def start(kind: str, tmp: Path) -> tuple[subprocess.Popen, int]:
@@ -103,9 +55,9 @@ def measure(kind: str, n: int) -> tuple[int, int, int]:
     try:
         time.sleep(0.5)  # the probe connection of port_open is gone, start-up work done
         before = rss_kib(p.pid)
-        socks, accepted = connect_idle(port, n)
+        socks = connect_idle(port, n)
         after = rss_kib(p.pid)
-        return before, after, accepted
+        return before, after, len(socks)
     finally:
         for s in socks:
             s.close()
