@@ -116,7 +116,7 @@ class _Empty(dict):
     __slots__ = ()
 
     def __setitem__(self, key, value):
-        raise TypeError("the sessions' shared empty dict: use Session.set_subscription/set_options")
+        raise TypeError("the sessions' shared empty dict: the session needs its own dict first")
 
 
 NO_ENTRIES = _Empty()
