@@ -30,6 +30,14 @@ from benchmarks.common import free_port, machine, port_open, rss_kib, write_sect
 from tests.mqttraw import connect_idle  # noqa: E402
 
 HEADING = "Broker memory per idle connection"
+NOTES = ("Where an idle connection's bytes go (tracemalloc in the broker, 1,000 clients): about 1.5 KiB are "
+         "asyncio's (the transport object and its dict, two socket objects, the peer and socket names, the "
+         "selector key, the reader handle and its context, the loop's weak reference to the transport), about "
+         "0.9 KiB ours (Connection and Session, 264 bytes each; the packet Reader and its buffer, some 230; the "
+         "client id; the last-packet time). A session makes its queue, sets and dicts and a connection its "
+         "held-packet deque and output list only when it first needs them. Before issue 21: 3.7 KiB per "
+         "connection with 1,000 clients, 33.5 MiB at start, and at most 4,096 connections with the defaults "
+         "(4.85 KiB each at 4,096).")
 
 
 def start(kind: str, tmp: Path) -> tuple[subprocess.Popen, int]:
@@ -119,6 +127,7 @@ def section(results: dict[tuple[str, int], list[tuple[int, int, int]]], runs: in
         lines.append(f"| RSS with {n:,} idle clients (MiB) | " + " | ".join(
             f"{median(k, n, lambda b, a, c: a) / 1024:.1f} ({min(r[2] for r in results[k, n]):,} accepted)"
             if (k, n) in results else "-" for k in ("ours", "mosquitto")) + " |")
+    lines += ["", NOTES]
     return "\n".join(lines) + "\n"
 
 
