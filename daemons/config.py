@@ -304,7 +304,8 @@ class BrokerConfig:
     listener: tuple[ListenerConfig, ...] = ()
     # Bridges to other brokers, [[broker.bridge]] tables (Mosquitto's bridge options).
     bridge: tuple[BridgeConfig, ...] = ()
-    max_connections: int = field(default=4096, metadata=_range(1, 1_000_000))
+    # Also bounded by the file descriptor limit (server.py raises it to the hard limit at start).
+    max_connections: int = field(default=100_000, metadata=_range(1, 1_000_000))
     # Largest packet body (remaining length, without the fixed header) accepted from a client.
     max_packet_size: int = field(default=16 * 1024 * 1024, metadata=_range(64, 268_435_455))
     # Seconds a new connection may take to send CONNECT.

@@ -734,3 +734,36 @@ def assert_serves_new_client(port: int) -> None:
         c.send(puback(pub.mid))
         c.disconnect()
 
+
+
+def connect_idle(port: int, n: int, keepalive: int = 600, per_address: int = 500, batch: int = 200,
+                 timeout: float = 30.0) -> list[socket.socket]:
+    """`n` clients that connect (3.1.1, clean session, ids idle-0...) and then say nothing: the
+    sockets of those that got CONNACK 0, still open; the refused ones are closed. For thousands
+    of clients: no select() (it takes no descriptor past 1024), CONNECTs sent `batch` at a time
+    before their CONNACKs are read, and the clients spread over 127.0.0.2, .3, ..., `per_address`
+    each, since the broker's max_connection_rate (a burst of 1000 per address) is for one
+    address opening too many, not for thousands of devices."""
+    socks: list[socket.socket] = []
+    for start in range(0, n, batch):
+        sent = []
+        for i in range(start, min(n, start + batch)):
+            s = socket.create_connection(("127.0.0.1", port), timeout,
+                                         source_address=(f"127.0.0.{2 + i // per_address}", 0))
+            try:
+                s.sendall(connect(f"idle-{i}", keepalive=keepalive))
+                sent.append(s)
+            except OSError:  # reset: refused at accept
+                s.close()
+        for s in sent:
+            got = b""
+            try:
+                while len(got) < 4 and (chunk := s.recv(4 - len(got))):
+                    got += chunk
+            except OSError:  # reset: refused at accept
+                pass
+            if got == connack(0):
+                socks.append(s)
+            else:
+                s.close()
+    return socks

@@ -309,8 +309,8 @@ class _Mapper:
             if s is None:
                 continue
             if s.value <= 0:
-                self.note(s.line, f"no limit in Mosquitto; iot-broker keeps a max_connections (4096 unless set, "
-                                  f"up to {_MAX_CONNECTIONS})")
+                self.note(s.line, f"no limit in Mosquitto; iot-broker keeps a max_connections (100000 unless "
+                                  f"set, up to {_MAX_CONNECTIONS}, and no more than the file descriptor limit allows)")
             elif chosen is None:
                 chosen = s
                 value = min(s.value, _MAX_CONNECTIONS)

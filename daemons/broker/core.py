@@ -99,7 +99,7 @@ from .packets5 import (
 )
 from .retained import RetainedStore
 from . import shared
-from .sessions import Message, Session
+from .sessions import NOTHING, Message, Session
 from .shared import Group, InvalidShare
 from .topics import SubscriptionTree
 
@@ -418,6 +418,8 @@ class Broker(v5.Handlers):
         store = self.store
         mark = store.mark()
         if qos == 2 and (routed or client is None):  # a v5 refusal (0x87) ends the exchange
+            if session.incoming_qos2 is NOTHING:
+                session.incoming_qos2 = set()
             session.incoming_qos2.add(pkt.packet_id)
             if session.sid is not None:
                 store.qos2_in(session.sid, pkt.packet_id, True)
@@ -449,6 +451,8 @@ class Broker(v5.Handlers):
         if not full:
             return True
         for s in full:
+            if s.waiters is NOTHING:
+                s.waiters = set()
             s.waiters.add(conn)
         before = self.stats.publish_held
         self.stats.publish_held += 1
@@ -477,7 +481,7 @@ class Broker(v5.Handlers):
 
     def _wake(self, session: Session) -> None:
         if session.can_take():
-            waiters, session.waiters = session.waiters, set()
+            waiters, session.waiters = session.waiters, NOTHING
             for conn in waiters:
                 conn.retry_held()
 
@@ -485,7 +489,8 @@ class Broker(v5.Handlers):
         session: Session = conn.session
         known = pkt.packet_id in session.incoming_qos2
         durable = known and session.sid is not None
-        session.incoming_qos2.discard(pkt.packet_id)
+        if known:
+            session.incoming_qos2.remove(pkt.packet_id)
         if durable:
             # Not forgotten on disk before PUBCOMP: a restart could take a new PUBLISH reusing
             # the id for a retransmission and not route it.
@@ -611,7 +616,7 @@ class Broker(v5.Handlers):
             if session not in group.members:
                 self.shared_count += 1
             group.members[session] = qos
-        session.subscriptions[topic_filter] = qos
+        session.set_subscription(topic_filter, qos)
 
     def _remove_subscription(self, session: Session, topic_filter: str) -> None:
         """Out of the tree or its group; a member leaving a group hands over what it has not
@@ -707,7 +712,7 @@ class Broker(v5.Handlers):
             for topic_filter, qos in s.subscriptions.items():
                 self._add_subscription(session, topic_filter, qos, shared.parse(topic_filter))
             for topic_filter, (no_local, as_published, ident) in s.options.items():
-                session.options[topic_filter] = v5.SubOptions(bool(no_local), bool(as_published), ident)
+                session.set_options(topic_filter, v5.SubOptions(bool(no_local), bool(as_published), ident))
         for topic, payload, qos, props, expires in loaded.retained:
             self.retained.set(topic, payload, qos, bytes(props) if props else b"", expires)
 
@@ -729,7 +734,7 @@ class Broker(v5.Handlers):
         new = [f for f in filters if f not in session.subscriptions]
         for f, qos in filters.items():
             self.tree.subscribe(session, f, qos)
-            session.subscriptions[f] = qos
+            session.set_subscription(f, qos)
         session.disconnected_at = session.disconnected_at or self.clock()
         self._save_subscriptions(session)
         for f in new:
@@ -872,9 +877,9 @@ class Broker(v5.Handlers):
         for s in expired:
             queued = s.pending()
             self._drop_session(s)
-            s.queue.clear()
+            s.queue = ()
             s.inflight.clear()
-            waiters, s.waiters = s.waiters, set()
+            waiters, s.waiters = s.waiters, NOTHING
             for conn in waiters:  # publishers held for its queue: it is gone, they may go on
                 conn.retry_held()
             self.limit_hit("sessions_expired", "persistent session expired: client away longer than "

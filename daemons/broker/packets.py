@@ -723,6 +723,12 @@ def _tables(role: str, version: int) -> tuple[tuple, tuple]:
     raise ValueError(f"version must be 4 (3.1.1 and 3.1) or 5, not {version!r}")
 
 
+# The packet types a Reader takes first, by (what it expects, version): shared, not one tuple per
+# connection. A 5.0 server may send AUTH (type 15) before its CONNACK [MQTT-3.2.0-1].
+_FIRST_KINDS = {(first, version): (first, 15) if version == 5 else (first,)
+                for first in (PacketType.CONNECT, PacketType.CONNACK) for version in (4, 5)}
+
+
 class Reader:
     """Incremental decoder for one connection.
 
@@ -753,8 +759,7 @@ class Reader:
             self._first_type, self._first_rule = PacketType.CONNECT, "MQTT-3.1.0-1"
         else:
             self._first_type, self._first_rule = PacketType.CONNACK, "MQTT-3.2.0-1"
-        # A 5.0 server may send AUTH (type 15) before its CONNACK [MQTT-3.2.0-1].
-        self._first_kinds = (self._first_type, 15) if self.version == 5 else (self._first_type,)
+        self._first_kinds = _FIRST_KINDS[self._first_type, self.version]
         self._buffer = bytearray()
         # Consumed bytes stay in the buffer until the next feed, which drops
         # them in one go instead of shifting the buffer once per packet.

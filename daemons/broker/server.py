@@ -45,7 +45,7 @@ table, each its own asyncio server feeding the same Server and core. TLS is asyn
 `Server.reload_tls()` (SIGHUP) builds new ones and each listener's server-name callback,
 which OpenSSL calls at every ClientHello (with or without SNI), moves a new handshake onto the
 newest: new connections get renewed certificates, open ones keep theirs. MQTT over WebSocket
-is `WsConnection`, a Connection whose bytes pass through the sans-IO `websockets`
+is `ws.WsConnection` (imported only for a WebSocket listener), a Connection whose bytes pass through the sans-IO `websockets`
 ServerProtocol (handshake, framing, ping/pong, close); the MQTT stream inside the binary
 frames is fed to the same reader, in whatever split it comes, and what the core writes leaves
 as binary frames. A listener may override allow_anonymous and may name the client by its
@@ -80,12 +80,6 @@ import time
 from collections import deque
 from pathlib import Path
 
-from websockets.exceptions import InvalidMessage
-from websockets.frames import CloseCode, Opcode
-from websockets.http11 import Request
-from websockets.protocol import State
-from websockets.server import ServerProtocol
-
 from .. import metrics, service
 from ..config import BrokerConfig, Config, ConfigError, ListenerConfig, expiration_seconds
 from ..metrics import Families
@@ -105,6 +99,7 @@ from .store import Store
 # Per-connection output buffered in asyncio beyond which QoS 0 messages to that client are
 # dropped (and counted) rather than held in memory without bound, and the client is not read.
 WRITE_HIGH_WATER = 1024 * 1024
+WRITE_LOW_WATER = WRITE_HIGH_WATER // 4  # asyncio's default, given so no connection makes its own int
 # What one pass gathers for a connection is written at once past this: uvloop reads a socket
 # up to 32 times before it runs a callback, so a pass can gather megabytes for one subscriber,
 # which is no sign that the subscriber is slow (only the transport's buffer says that).
@@ -117,21 +112,15 @@ LOGIN_DELAY_MAX = 8.0
 # max_connection_rate: a new address may open this many times the rate at once.
 CONNECTION_BURST = 5
 SWEEP_INTERVAL = 1.0
+# Descriptors kept back from connections: listeners, the store (database, WAL, its thread's
+# journal), the metrics endpoint, bridges, the notify socket, epoll, stdio.
+FD_RESERVE = 64
 # A held connection stops reading past this many packets or payload bytes held.
 HELD_PACKETS = 1000
 HELD_BYTES = 1024 * 1024
 # Handled even while a PUBLISH is held: they free room, they never need any.
 PASS_WHILE_HELD = (Puback, Pubrec, Pubrel, Pubcomp, Pingreq, PubackV5, PubrecV5, PubrelV5, PubcompV5)
 PUBLISHES = (Publish, PublishV5)
-# MQTT over WebSocket: the subprotocols accepted, in order of preference [MQTT-6.0.0-3];
-# "mqttv3.1" is what MQTT 3.1 clients ask for.
-WS_SUBPROTOCOLS = ("mqtt", "mqttv3.1")
-# A WebSocket frame is buffered whole before its bytes reach the MQTT reader: at most one
-# largest packet (max_packet_size plus its fixed header) and this much besides.
-WS_FRAME_SLACK = 64 * 1024
-# So the frame limit does not undo max_connect_size: a WebSocket connection that has sent more
-# than max_connect_size plus this (its HTTP request) without a complete CONNECT is closed.
-WS_HANDSHAKE_MAX = 64 * 1024
 TLS_VERSIONS = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLSv1_3}
 # The packet trace's own logger, a child of the broker's, so its level can let debug lines
 # through while the broker's other lines follow [log] level.
@@ -234,7 +223,7 @@ class PacketTrace:
 class Connection(asyncio.Protocol):
     __slots__ = (
         "srv", "broker", "stats", "reader", "transport", "session", "will", "keepalive",
-        "last_rx", "opened", "out", "flush_scheduled", "closing", "paused", "peer", "loop",
+        "last_rx", "out", "flush_scheduled", "closing", "paused", "loop",
         "held", "held_bytes", "reading", "retry_scheduled",
         "held_full", "paused_at", "paused_size", "out_bytes", "closed_at", "login_refused",
         "listener", "cert_username", "listener_allow_anonymous", "trace", "v5",
@@ -253,14 +242,17 @@ class Connection(asyncio.Protocol):
         self.session = None
         self.will = None
         self.keepalive = 0
-        self.last_rx = self.opened = time.monotonic()
-        self.out: list[bytes] = []
+        # Also when it opened, until CONNECT (the connect timeout counts from it): no packet
+        # came before, and reading is never paused before a CONNECT.
+        self.last_rx = time.monotonic()
+        # What the core wrote this pass: a list from the first send() to the flush, () after
+        # it, so an idle connection keeps no list.
+        self.out: list[bytes] | tuple = ()
         self.flush_scheduled = False
         self.closing = False
         self.paused = False
-        self.peer = "?"
         self.loop = srv.loop
-        self.held: deque = deque()
+        self.held: deque | tuple = ()  # made on the first packet held: an empty deque costs 760 bytes
         self.held_bytes = 0
         self.reading = True
         self.retry_scheduled = False
@@ -282,18 +274,17 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         if peer and not self.srv.admit(peer[0]):
             self.broker.limit_hit("connection_rate_refused", "connection refused: max_connection_rate exceeded",
                                   peer=self.peer, max_connection_rate=self.srv.cfg.max_connection_rate)
             self.closing = True
             transport.abort()
             return
-        if len(self.srv.conns) >= self.srv.cfg.max_connections:
+        if len(self.srv.conns) >= self.srv.max_connections:
             self.srv.refused += 1
             if self.srv.refused % 100 == 1:
                 self.srv.log.warning("connection refused: max_connections reached",
-                                     max_connections=self.srv.cfg.max_connections, refused_total=self.srv.refused)
+                                     max_connections=self.srv.max_connections, refused_total=self.srv.refused)
             self.closing = True
             transport.abort()
             return
@@ -306,7 +297,7 @@ class Connection(asyncio.Protocol):
                 self.closing = True
                 transport.abort()
                 return
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.srv.conns.add(self)
         if self.trace is not None and self.trace_accept:
             self.trace.line(trace.new_connection(self.peer, self.listener.port))
@@ -356,6 +347,8 @@ class Connection(asyncio.Protocol):
                                            username=self.cert_username or pkt.username or "-",
                                            port=self.listener.port)
                 elif (held and type(pkt) not in PASS_WHILE_HELD) or not broker.handle(self, pkt):
+                    if not held:
+                        held = self.held = deque()
                     held.append(pkt)
                     if type(pkt) in PUBLISHES:
                         self.held_bytes += len(pkt.payload)
@@ -401,13 +394,13 @@ class Connection(asyncio.Protocol):
         if not delay:
             self.close()
             return
-        connack, self.out, self.out_bytes = self.out, [], 0
+        connack, self.out, self.out_bytes = self.out, (), 0
         self.reading = False
         self.transport.pause_reading()
 
         def answer() -> None:
             if not self.closing:  # not send(): it was counted and traced when the core sent it
-                self.out += connack
+                self.out = [*self.out, *connack]
             self.close()
 
         self.loop.call_later(delay, answer)
@@ -444,7 +437,10 @@ class Connection(asyncio.Protocol):
             return
         if self.trace is not None:
             self.trace.sent(self, data)
-        self.out.append(data)
+        if self.out:
+            self.out.append(data)
+        else:
+            self.out = [data]
         self.out_bytes += len(data)
         self.stats.messages_sent += 1
         if self.out_bytes >= FLUSH_AT:
@@ -463,7 +459,7 @@ class Connection(asyncio.Protocol):
             data = out[0] if len(out) == 1 else b"".join(out)
             self.stats.bytes_sent += len(data)
             self._write(data)
-        out.clear()
+        self.out = ()
         self.out_bytes = 0
 
     def _write(self, data: bytes) -> None:
@@ -483,6 +479,13 @@ class Connection(asyncio.Protocol):
         return self.paused or self.out_bytes >= WRITE_HIGH_WATER
 
     @property
+    def peer(self) -> str:
+        """The client's address for log lines, made when one needs it, not kept (issue 21: a
+        string per idle connection)."""
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    @property
     def client_id(self) -> str:
         return self.session.client_id if self.session is not None else "-"
 
@@ -493,95 +496,6 @@ def _common_name(cert: dict | None) -> str | None:
             if key == "commonName":
                 return value
     return None
-
-
-class WsConnection(Connection):
-    """MQTT over WebSocket (section 6): websockets' sans-IO ServerProtocol between the socket
-    and the Connection. The opening handshake must offer a subprotocol of WS_SUBPROTOCOLS;
-    a refused one gets its HTTP error and a close. Binary frames (and their continuations)
-    carry the MQTT byte stream, which goes to the MQTT reader however it is split
-    [MQTT-6.0.0-2]; a text frame closes the connection [MQTT-6.0.0-1]. Pings are answered and
-    close frames echoed by websockets; its end of stream (SEND_EOF) closes the connection."""
-
-    __slots__ = ("ws", "before_connect")
-    trace_accept = False
-
-    def __init__(self, srv: Server, listener: ListenerConfig):
-        super().__init__(srv, listener)
-        self.ws = ServerProtocol(subprotocols=WS_SUBPROTOCOLS,
-                                 max_size=(None, srv.cfg.max_packet_size + 5 + WS_FRAME_SLACK))
-        self.before_connect = 0  # bytes received while no CONNECT was accepted
-
-    def data_received(self, data: bytes) -> None:
-        if self.closing:
-            return
-        ws = self.ws
-        if self.session is None:
-            self.before_connect += len(data)
-        ws.receive_data(data)
-        mqtt = []
-        for event in ws.events_received():
-            if isinstance(event, Request):
-                response = ws.accept(event)
-                ws.send_response(response)
-                if response.status_code != 101:
-                    self._handshake_refused(response.status_code)
-                    break
-            elif event.opcode is Opcode.BINARY or event.opcode is Opcode.CONT:
-                mqtt.append(event.data)
-            elif event.opcode is Opcode.TEXT:
-                ws.fail(CloseCode.UNSUPPORTED_DATA, "MQTT over WebSocket takes binary frames only")
-                break
-        if ws.handshake_exc is not None and not ws.accept_called and not self.closing:
-            # Refused before it reached accept(): lines too long (websockets answers 414 or 431)
-            # or not an HTTP/1.1 request at all (it closes without a word: we answer 400).
-            if isinstance(ws.handshake_exc, InvalidMessage):
-                self.transport.write(ws.reject(400, "Failed to open a WebSocket connection: "
-                                                    "not an HTTP/1.1 request.\n").serialize())
-            self._handshake_refused(400 if isinstance(ws.handshake_exc, InvalidMessage) else "-")
-        if mqtt:
-            super().data_received(b"".join(mqtt))
-        self._ws_out()
-        if (self.session is None and not self.closing
-                and self.before_connect > self.srv.cfg.max_connect_size + WS_HANDSHAKE_MAX):
-            self.broker.limit_hit("connect_size_refused", "WebSocket bytes before CONNECT over max_connect_size; "
-                                  "closing connection", peer=self.peer, received=self.before_connect)
-            self.close()
-
-    def _handshake_refused(self, status: int | str) -> None:
-        exc = self.ws.handshake_exc
-        self.srv.log.info("WebSocket handshake refused; closing connection", peer=self.peer, status=status,
-                          error=str(exc.__cause__ or exc) if exc else "-")
-
-    def _ws_out(self) -> None:
-        """Write what websockets has to send: handshake response, pongs, close frames. Its end
-        of stream (the WebSocket is closed, by either side) closes the connection."""
-        for chunk in self.ws.data_to_send():
-            if chunk:
-                if not self.transport.is_closing():
-                    self.transport.write(chunk)
-            elif not self.closing:
-                sent, rcvd = self.ws.close_sent, self.ws.close_rcvd
-                if sent is not None and rcvd is None:  # we failed it: a text frame, a bad frame
-                    self.srv.log.info("WebSocket error; closing connection", peer=self.peer, client=self.client_id,
-                                      code=int(sent.code), reason=sent.reason)
-                elif self.trace is not None and rcvd is not None:  # the client closed the WebSocket
-                    self.trace.line(trace.closed(PacketTrace.name(self)))
-                self.close()
-
-    def _write(self, data: bytes) -> None:
-        if self.ws.state is State.OPEN:
-            self.ws.send_binary(data)
-            self._ws_out()
-
-    def close(self) -> None:
-        if self.closing:
-            return
-        self.flush()
-        if self.ws.state is State.OPEN:
-            self.ws.send_close(CloseCode.NORMAL_CLOSURE)
-            self._ws_out()
-        super().close()
 
 
 def tls_context(lc: ListenerConfig, label: str, source: Path | None) -> ssl.SSLContext:
@@ -644,6 +558,8 @@ class Server:
                                          max_packet_size=1 + len(_varint(cfg.max_packet_size)) + cfg.max_packet_size),
                              clock=time.time, store=store)
         self.conns: set[Connection] = set()
+        # [broker] max_connections, lowered by serve() to what the file descriptor limit allows.
+        self.max_connections = cfg.max_connections
         self.listeners: list[Listener] = []
         self.refused = 0
         self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when counted)
@@ -713,7 +629,7 @@ class Server:
             if c.paused and now - c.paused_at > write_timeout:
                 self._not_reading(c)
             elif c.session is None:
-                if now - c.opened > timeout:
+                if now - c.last_rx > timeout:
                     self.log.info("no CONNECT in time; closing", peer=c.peer, timeout=timeout)
                     if c.trace is not None:
                         c.trace.line(trace.timed_out(trace.UNKNOWN))
@@ -743,7 +659,10 @@ class Server:
 
     async def listen(self, lst: Listener) -> asyncio.Server:
         """Bind one listener; a failure ends the start (EX_OSERR) naming the address."""
-        conn = WsConnection if lst.cfg.protocol == "websockets" else Connection
+        conn = Connection
+        if lst.cfg.protocol == "websockets":
+            from .ws import WsConnection  # websockets costs a start without such a listener 0.5-2.6 MB
+            conn = WsConnection
         tls = {} if lst.front is None else {"ssl": lst.front, "ssl_handshake_timeout": self.cfg.connect_timeout}
         try:
             server = await self.loop.create_server(lambda: conn(self, lst.cfg), lst.host, lst.cfg.port,
@@ -820,14 +739,26 @@ def families(srv: Server) -> Families:
     return out
 
 
-def _raise_fd_limit(want: int) -> None:
+def raise_fd_limit() -> int:
+    """The soft RLIMIT_NOFILE raised to the hard one, as far as the kernel lets us: the soft
+    limit is often 1024 (it keeps select() users safe; we use epoll), and each connection takes
+    a descriptor. Returns the soft limit in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = min(hard, max(soft, want + 64))
-    if target > soft:
+    if soft != hard:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
         except (OSError, ValueError):
-            pass  # a sandbox (systemd SystemCallFilter=~@resources) sets LimitNOFILE for us instead
+            pass  # hard = unlimited, or a sandbox (SystemCallFilter=~@resources): LimitNOFILE decides
+    return soft
+
+
+def connection_limit(max_connections: int, nofile: int) -> int:
+    """max_connections, or fewer if the descriptors would run out first: past the limit accept()
+    fails (EMFILE) where the broker can neither answer, count nor log the refusal."""
+    if nofile == resource.RLIM_INFINITY:
+        return max_connections
+    return max(1, min(max_connections, nofile - FD_RESERVE))
 
 
 def access_from(cfg: BrokerConfig) -> Access:
@@ -856,12 +787,15 @@ async def serve(svc: Service) -> None:
                         "set a password_file (iotctl passwd) or allow_anonymous = true in [broker] to open "
                         "the broker to the network", host=cfg.host, listening_on=host)
     loop = asyncio.get_running_loop()
-    _raise_fd_limit(cfg.max_connections)
+    nofile = raise_fd_limit()
     store = None
     if cfg.persistence:
         where = cfg.persistence_location or svc.config.paths.state_dir / "broker"
         store = Store(where / "store.db", svc.log, loop, cfg.max_store_bytes, os.environ.get("IOT_BROKER_FAILPOINT", ""))
     srv = Server(cfg, svc.log, loop, store)
+    srv.max_connections = connection_limit(cfg.max_connections, nofile)
+    svc.log.info("connection limit", max_connections=srv.max_connections,
+                 nofile=nofile if nofile != resource.RLIM_INFINITY else "unlimited")
     srv.broker.access = access
     srv.set_log_type(cfg.log_type, svc.args.verbose)
 

@@ -269,7 +269,7 @@ class Handlers:
             self._add_subscription(session, f, sub.qos, share)
             # A SUBSCRIBE to a filter it has replaces that subscription, options and all [MQTT-3.8.4-3].
             if sub.no_local or sub.retain_as_published or ident is not None:
-                session.options[f] = SubOptions(sub.no_local, sub.retain_as_published, ident)
+                session.set_options(f, SubOptions(sub.no_local, sub.retain_as_published, ident))
             else:
                 session.options.pop(f, None)
             codes.append(ReasonCode(sub.qos))
