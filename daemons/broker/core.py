@@ -480,7 +480,7 @@ class Broker(v5.Handlers):
                 self._wake(session)
 
     def _wake(self, session: Session) -> None:
-        if session.can_take():
+        if session.room_to_wake():
             waiters, session.waiters = session.waiters, NOTHING
             for conn in waiters:
                 conn.retry_held()

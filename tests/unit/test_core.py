@@ -382,3 +382,27 @@ def test_a_queue_is_bounded_by_bytes_as_well_as_by_count():
         taken += 1
     assert taken == 10  # 10 x (100 + len("t")) bytes reach the bound; the 11th is held back
     assert b.stats.publish_held == 1
+
+
+def test_held_publishers_are_woken_when_a_run_fits_not_at_every_acknowledgement():
+    """A full queue of 100: publishers held for it are told to retry once a tenth of it (10)
+    has drained, not after each PUBACK (each retry hands the core every held PUBLISH of every
+    waiting publisher, and one freed slot takes only one); nothing is lost either way."""
+    b = Broker(Log("t"), Limits(max_inflight=1, max_queued=100))
+    sub, _ = connect(b, "s")
+    b.handle(sub, p.Subscribe(1, (("o", 1),)))
+    sub.packets()
+    pubs = [connect(b, f"pub{i}")[0] for i in range(3)]
+    for i in range(101):  # one in flight, 100 queued
+        assert b.handle(pubs[0], p.Publish("o", b"x", 1, packet_id=i % 65535 + 1)) is True
+    for pub in pubs:
+        assert b.handle(pub, p.Publish("o", b"held", 1, packet_id=500)) is False
+    acked = 0
+    while all(pub.retries == 0 for pub in pubs):
+        (pkt,) = sub.packets()
+        b.handle(sub, p.Puback(pkt.packet_id))
+        acked += 1
+        assert acked <= 11, "held publishers not woken after a tenth of the queue drained"
+    assert acked == 11 and all(pub.retries == 1 for pub in pubs)
+    for pub in pubs:
+        assert b.handle(pub, p.Publish("o", b"held", 1, packet_id=500)) is True
