@@ -195,9 +195,11 @@ class Remote(asyncio.Protocol):
 
     # the Link: what the local session and the core write -------------------------------------
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, payload: bytes | None = None) -> None:
         if self.closing:
             return
+        if payload is not None:
+            data += payload
         if data[0] >> 4 == 3:  # PUBLISH (one whole packet per send): to the remote's topic
             if not data[0] & 0x08:
                 self.bridge.sent += 1

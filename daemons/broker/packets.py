@@ -130,6 +130,10 @@ class ReasonCode(IntEnum):
 
 SUBACK_FAILURE = 0x80
 MAX_REMAINING_LENGTH = 268_435_455  # four varint bytes, section 2.2.3
+# A packet of this size or more is gathered in a buffer of its own, which the transport reads
+# into (Reader.get_buffer); the buffer grows to at most LARGE_AHEAD past what has arrived.
+LARGE_PACKET = 64 * 1024
+LARGE_AHEAD = 1024 * 1024
 
 _SUBACK_CODES = b"\x00\x01\x02\x80"  # section 3.9.3
 
@@ -644,6 +648,21 @@ def _header_errors(role: str) -> tuple[_HeaderError | None, ...]:
         raise ValueError(f"role must be 'server' or 'client', not {role!r}") from None
 
 
+def _packet_size(data, pos: int) -> int | None:
+    """The size of the packet starting at `pos`, its fixed header included; None while its
+    remaining length is incomplete (or longer than four bytes: _decode_at says so)."""
+    length = shift = 0
+    i, n = pos + 1, len(data)
+    while i < n and shift < 28:
+        byte = data[i]
+        i += 1
+        length |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return i - pos + length
+        shift += 7
+    return None
+
+
 def _decode_at(
     view: memoryview,
     start: int,
@@ -729,6 +748,37 @@ _FIRST_KINDS = {(first, version): (first, 15) if version == 5 else (first,)
                 for first in (PacketType.CONNECT, PacketType.CONNACK) for version in (4, 5)}
 
 
+class _LargePacket:
+    """A packet of LARGE_PACKET bytes or more, gathered in a buffer of its own: `size` bytes
+    (its fixed header included), `have` of them arrived; `lent`: the rest of `buf` was lent
+    to the transport to read into (Reader.get_buffer)."""
+
+    __slots__ = ("buf", "size", "have", "lent")
+
+    def __init__(self, size: int, data) -> None:
+        self.size, self.have, self.lent = size, len(data), False
+        # Room for what arrived and at most LARGE_AHEAD more: a header alone cannot make the
+        # broker allocate max_packet_size.
+        self.buf = bytearray(min(size, self.have + LARGE_AHEAD))
+        self.buf[: self.have] = data
+
+    def fit(self, need: int) -> None:
+        """Grow `buf` to hold `need` bytes: doubling, so it stays within twice what arrived
+        (and no larger than the packet)."""
+        buf = self.buf
+        if len(buf) < need:
+            buf += bytes(min(self.size, max(need, 2 * len(buf))) - len(buf))
+
+    def add(self, data) -> int:
+        """Take the part of `data` that belongs to this packet; how many bytes that was."""
+        take = min(len(data), self.size - self.have)
+        if take:
+            self.fit(self.have + take)
+            self.buf[self.have : self.have + take] = data[:take]
+            self.have += take
+        return take
+
+
 class Reader:
     """Incremental decoder for one connection.
 
@@ -746,7 +796,7 @@ class Reader:
 
     __slots__ = (
         "_buffer", "_pos", "_header_errors", "_decoders", "_max", "_first_type", "_first_kinds", "_first_rule",
-        "_started", "_error", "_role", "version", "_view",
+        "_started", "_error", "_role", "version", "_view", "_large",
     )
 
     def __init__(self, role: str = "server", max_packet_size: int = MAX_REMAINING_LENGTH, version: int = 4) -> None:
@@ -769,6 +819,7 @@ class Reader:
         self._view: memoryview | None = None
         self._started = False
         self._error: ProtocolError | None = None
+        self._large: _LargePacket | None = None
 
     def set_max_packet_size(self, max_packet_size: int) -> None:
         """Change the largest remaining length accepted from the next packet on (a server
@@ -780,19 +831,64 @@ class Reader:
             self._view.release()
             self._view = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         if self._error is not None:
             return
+        large = self._large
+        if large is not None:
+            take = large.add(data)
+            if take == len(data):
+                return
+            data = memoryview(data)[take:]
+        elif self._started and self._pos >= len(self._buffer):
+            # Nothing pending and a large packet starts here: straight to its own buffer.
+            size = _packet_size(data, 0)
+            if size is not None and size > len(data) and self._start_large(size, data):
+                return
         self._drop_view()
         if self._pos:
             del self._buffer[: self._pos]
             self._pos = 0
         self._buffer += data
 
+    def get_buffer(self, scratch: memoryview) -> memoryview:
+        """Where a transport should read the next bytes to (asyncio.BufferedProtocol): the
+        rest of a large packet, so its megabytes are not copied from chunk to buffer, else
+        `scratch` (then buffer_updated feeds what was read)."""
+        large = self._large
+        if large is not None:
+            # Not when complete (not taken yet): what follows goes behind it.
+            large.lent = large.have < large.size and self._error is None
+            if large.lent:
+                large.fit(large.have + 1)
+                return memoryview(large.buf)[large.have :]
+        return scratch
+
+    def buffer_updated(self, nbytes: int, scratch: memoryview) -> bool:
+        """`nbytes` were read into the buffer get_buffer gave. True if that was a large packet's."""
+        large = self._large
+        if large is not None and large.lent:
+            large.lent = False
+            large.have += nbytes
+            return True
+        self.feed(scratch[:nbytes])
+        return False
+
+    def _start_large(self, size: int, data) -> bool:
+        """Start gathering a packet of `size` bytes (its fixed header included) whose first
+        bytes are `data`, if it is large and of a kind and size the header checks let pass
+        (else _decode_at raises when the rest arrives)."""
+        if size < LARGE_PACKET or self._header_errors[data[0]] is not None or size > self._max + 5:
+            return False
+        self._large = _LargePacket(size, data)
+        return True
+
     def next_packet(self) -> Packet | None:
         """The next complete packet, or None until more bytes are fed."""
         if self._error is not None:
             raise self._error
+        if self._large is not None:
+            return self._next_large()
         buffer, pos = self._buffer, self._pos
         if pos >= len(buffer):
             self._drop_view()  # read to the end: an idle connection keeps no view
@@ -817,11 +913,29 @@ class Reader:
             raise
         if result is None:
             self._drop_view()
+            if self._started:
+                size = _packet_size(buffer, pos)
+                if size is not None and self._start_large(size, memoryview(buffer)[pos:]):
+                    buffer.clear()
+                    self._pos = 0
             return None
         packet, self._pos = result
         if not self._started:
             self._start(packet, kind)
         return packet
+
+    def _next_large(self) -> Packet | None:
+        large = self._large
+        if large.have < large.size:
+            return None
+        self._large = None
+        with memoryview(large.buf) as view:
+            try:
+                return _decode_at(view, 0, self._header_errors, self._decoders, self._max)[0]
+            except ProtocolError as exc:
+                self._error = exc
+                self._buffer = bytearray()
+                raise
 
     def _start(self, packet: Packet, kind: int) -> None:
         if kind == 15:  # AUTH before the CONNACK
@@ -897,6 +1011,20 @@ def encode_publish(
     packet_id: int | None,
 ) -> bytes:
     """Encode a PUBLISH whose topic is already UTF-8 encoded (fan-out path)."""
+    return b"".join((*_publish_head(topic, len(payload), qos, retain, dup, packet_id), payload))
+
+
+def encode_publish_head(
+    topic: bytes, payload_length: int, qos: int, retain: bool, dup: bool, packet_id: int | None,
+) -> bytes:
+    """A PUBLISH up to its payload, which is written after it as it is: a large payload is
+    not copied into the packet."""
+    return b"".join(_publish_head(topic, payload_length, qos, retain, dup, packet_id))
+
+
+def _publish_head(
+    topic: bytes, payload_length: int, qos: int, retain: bool, dup: bool, packet_id: int | None,
+) -> tuple[bytes, ...]:
     if qos:
         if qos != 1 and qos != 2:
             raise ValueError(f"QoS must be 0, 1 or 2, not {qos!r}")
@@ -910,15 +1038,14 @@ def encode_publish(
     topic_length = len(topic)
     if topic_length > 0xFFFF:
         raise ValueError("topic longer than 65535 bytes [MQTT-4.7.3-3]")
-    remaining = 2 + topic_length + len(packet_id_bytes) + len(payload)
-    return b"".join((
+    remaining = 2 + topic_length + len(packet_id_bytes) + payload_length
+    return (
         _PUBLISH_FIRST[(8 if dup else 0) | qos << 1 | (1 if retain else 0)],
         _varint(remaining),
         topic_length.to_bytes(2, "big"),
         topic,
         packet_id_bytes,
-        payload,
-    ))
+    )
 
 
 def _encode_connect(packet: Connect) -> bytes:

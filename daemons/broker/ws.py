@@ -4,6 +4,8 @@ does not import websockets (server.Server.listen imports this one when a listene
 
 from __future__ import annotations
 
+import asyncio
+
 from websockets.exceptions import InvalidMessage
 from websockets.frames import CloseCode, Opcode
 from websockets.http11 import Request
@@ -12,7 +14,7 @@ from websockets.server import ServerProtocol
 
 from ..config import ListenerConfig
 from . import trace
-from .server import Connection, PacketTrace, Server
+from .server import READ_BUFFER, Connection, PacketTrace, Server
 
 # MQTT over WebSocket: the subprotocols accepted, in order of preference [MQTT-6.0.0-3];
 # "mqttv3.1" is what MQTT 3.1 clients ask for.
@@ -25,7 +27,7 @@ WS_FRAME_SLACK = 64 * 1024
 WS_HANDSHAKE_MAX = 64 * 1024
 
 
-class WsConnection(Connection):
+class WsConnection(Connection, asyncio.Protocol):
     """MQTT over WebSocket (section 6): websockets' sans-IO ServerProtocol between the socket
     and the Connection. The opening handshake must offer a subprotocol of WS_SUBPROTOCOLS;
     a refused one gets its HTTP error and a close. Binary frames (and their continuations)
@@ -41,6 +43,14 @@ class WsConnection(Connection):
         self.ws = ServerProtocol(subprotocols=WS_SUBPROTOCOLS,
                                  max_size=(None, srv.cfg.max_packet_size + 5 + WS_FRAME_SLACK))
         self.before_connect = 0  # bytes received while no CONNECT was accepted
+
+    # asyncio.Protocol as well: uvloop then hands data_received its bytes (websockets copies
+    # them into its own buffer anyway); asyncio's loop prefers get_buffer/buffer_updated.
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(READ_BUFFER[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -98,6 +108,10 @@ class WsConnection(Connection):
                 elif self.trace is not None and rcvd is not None:  # the client closed the WebSocket
                     self.trace.line(trace.closed(PacketTrace.name(self)))
                 self.close()
+
+    def _write_parts(self, data: bytes, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._write(data + payload)  # one frame per packet, as every other packet
 
     def _write(self, data: bytes) -> None:
         if self.ws.state is State.OPEN:

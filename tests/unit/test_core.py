@@ -24,8 +24,8 @@ class Link:
     def retry_held(self) -> None:  # the transport would hand its held PUBLISH in again
         self.retries += 1
 
-    def send(self, data: bytes) -> None:
-        self.sent.append(data)
+    def send(self, data: bytes, payload: bytes | None = None) -> None:
+        self.sent.append(data if payload is None else data + payload)
 
     def close(self) -> None:
         self.closed = True

@@ -761,3 +761,84 @@ def test_reader_max_packet_size_can_be_raised_after_connect():
     refused.feed(encode(Connect("c" * 30)))
     with pytest.raises(PacketTooLarge):
         refused.next_packet()
+
+
+# -- large packets: gathered in a buffer of their own, read into directly (issue 21) ----------
+
+LARGE = packets.LARGE_PACKET
+
+
+def _large_stream():
+    """CONNECT, then large and small PUBLISHes mixed (one large past LARGE_AHEAD), a PINGREQ."""
+    pubs = [Publish("big/1", bytes(range(256)) * (LARGE // 256 + 7), qos=1, packet_id=1),
+            Publish("s", b"small"),
+            Publish("big/2", b"\xab" * (3 * packets.LARGE_AHEAD + 11), qos=2, packet_id=2),
+            Publish("big/3", b"\x01" * LARGE, retain=True),
+            Pingreq()]
+    return encode(Connect("c")) + b"".join(encode(p) for p in pubs), [Connect("c"), *pubs]
+
+
+@pytest.mark.parametrize("chunk", [1000, 4096, 65536, 256 * 1024, 10**8])
+def test_large_packets_fed_in_chunks_decode_whole(chunk):
+    stream, expected = _large_stream()
+    reader, got = Reader(), []
+    for i in range(0, len(stream), chunk):
+        reader.feed(stream[i : i + chunk])
+        got.extend(reader)
+    assert got == expected and type(got[1].payload) is bytes
+
+
+@pytest.mark.parametrize("chunk", [1000, 65536, 256 * 1024])
+def test_large_packets_read_through_get_buffer_decode_whole(chunk):
+    """As a BufferedProtocol transport does: get_buffer, write at most its length, buffer_updated."""
+    stream, expected = _large_stream()
+    scratch = memoryview(bytearray(chunk))
+    reader, got, at, direct = Reader(), [], 0, 0
+    while at < len(stream):
+        buf = reader.get_buffer(scratch)
+        n = min(len(buf), chunk, len(stream) - at)
+        buf[:n] = stream[at : at + n]
+        direct += n if buf.obj is not scratch.obj else 0
+        del buf  # a transport releases the buffer after buffer_updated
+        reader.buffer_updated(n, scratch)
+        at += n
+        got.extend(reader)
+    assert got == expected
+    # Most of the large payloads went straight into their packets' buffers.
+    assert direct > 0.7 * sum(len(p.payload) for p in expected if isinstance(p, Publish))
+
+
+def test_a_large_header_alone_allocates_little():
+    """A client announcing 16 MiB and sending 1 KiB makes the reader hold ~1 MiB, not 16."""
+    reader = Reader(max_packet_size=16 * 1024 * 1024)
+    reader.feed(encode(Connect("c")))
+    assert list(reader) == [Connect("c")]
+    head = encode(Publish("t", b"x" * (16 * 1024 * 1024 - 10)))[:1024]
+    reader.feed(head)
+    assert reader.next_packet() is None
+    buf = reader.get_buffer(memoryview(bytearray(10)))
+    assert 0 < len(buf) <= packets.LARGE_AHEAD
+
+
+def test_large_packet_errors_are_found_when_it_is_complete():
+    reader = Reader()
+    reader.feed(encode(Connect("c")))
+    list(reader)
+    bad = bytearray(encode(Publish("a/b", b"x" * 2 * LARGE)))
+    bad[4:7] = b"a/+"  # a wildcard in a PUBLISH topic [MQTT-3.3.2-2]
+    reader.feed(bytes(bad[: LARGE // 2]))
+    assert reader.next_packet() is None
+    reader.feed(bytes(bad[LARGE // 2 :]))
+    with pytest.raises(InvalidTopic):
+        reader.next_packet()
+    with pytest.raises(InvalidTopic):  # the reader stays dead
+        reader.next_packet()
+
+
+def test_large_packet_over_the_maximum_is_refused_on_its_header():
+    reader = Reader(max_packet_size=2 * LARGE)
+    reader.feed(encode(Connect("c")))
+    list(reader)
+    reader.feed(encode(Publish("t", b"x" * 3 * LARGE))[:100])
+    with pytest.raises(PacketTooLarge):
+        reader.next_packet()
