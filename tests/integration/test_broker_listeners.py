@@ -128,9 +128,10 @@ def connects(port: int, client_id: str, **cfg: object) -> bool:
         c.stop()
 
 
-def ws_client(port: int, client_id: str, cafile: Path | None = None) -> tuple[paho.Client, queue.Queue]:
+def ws_client(port: int, client_id: str, cafile: Path | None = None,
+              transport: str = "websockets") -> tuple[paho.Client, queue.Queue]:
     inbox: queue.Queue = queue.Queue()
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311, transport="websockets")
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311, transport=transport)
     if cafile is not None:
         c.tls_set(ca_certs=str(cafile))
     c.on_message = lambda _c, _u, m: inbox.put(m)
@@ -311,21 +312,11 @@ def test_large_payloads_arrive_whole_over_tcp_tls_and_websocket(broker_factory, 
     and to clients on every kind of listener: plain TCP, TLS and WebSocket."""
     b, (t, w) = start(broker_factory, tls(pki.server), 'protocol = "websockets"\n')
 
-    def client(name: str, port: int, transport: str = "tcp", cafile: Path | None = None):
-        inbox: queue.Queue = queue.Queue()
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=paho.MQTTv311, transport=transport)
-        if cafile is not None:
-            c.tls_set(ca_certs=str(cafile))
-        c.on_message = lambda _c, _u, m: inbox.put(m)
-        c.connect("127.0.0.1", port, 30)
-        c.loop_start()
-        return c, inbox
-
-    kinds = {"tcp": (b.port, "tcp", None), "tls": (t, "tcp", pki.ca), "ws": (w, "websockets", None)}
-    subs = {k: client(f"sub-{k}", *where) for k, where in kinds.items()}
+    kinds = {"tcp": (b.port, None, "tcp"), "tls": (t, pki.ca, "tcp"), "ws": (w, None, "websockets")}
+    subs = {k: ws_client(where[0], f"sub-{k}", *where[1:]) for k, where in kinds.items()}
     # paho's WebSocket transport drops the rest of a frame the socket took only in part (until
     # its next packet), so the WebSocket publisher is a raw one.
-    pubs = {k: client(f"pub-{k}", *kinds[k])[0] for k in ("tcp", "tls")}
+    pubs = {k: ws_client(kinds[k][0], f"pub-{k}", *kinds[k][1:])[0] for k in ("tcp", "tls")}
     raw = WsRaw(w)
     try:
         raw.ws.send_binary(mqttraw.connect("pub-ws"))
