@@ -89,6 +89,13 @@ def test_a_consumer_killed_with_9_mid_stream_loses_nothing(broker_factory, tmp_p
     try:
         pub = Publisher(b.port, window=100).start([("load/x", 1)], 20_000)
         wait_for(lambda: len(got(procs[0])) >= 1000, 60, what="the first consumer under way")
+        # Stopped, it reads nothing more, so what the group gives it from now on stays
+        # unacknowledged and the kill has messages to hand over (a consumer that keeps up may
+        # have none in flight at the moment it dies).
+        procs[0].signal(signal.SIGSTOP)
+        others = len(got(procs[1])) + len(got(procs[2]))
+        wait_for(lambda: len(got(procs[1])) + len(got(procs[2])) >= others + 300, 60,
+                 what="the other consumers going on while the first is stopped")
         procs[0].signal(signal.SIGKILL)
         procs[0].wait(10)
         pub.thread.join(120)
